@@ -1,0 +1,39 @@
+"""distrifx: one diffusion image across N devices, by compiling the model's graph.
+
+    >>> import distrifx                                                    # doctest: +SKIP
+    >>> pipe.unet = distrifx.parallelize(pipe.unet, world_size=8)
+"""
+
+from distrifx.api import parallelize
+from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
+from distrifx.errors import (
+    CaptureError,
+    CollectiveTimeoutError,
+    ConfigError,
+    DistrifxError,
+    ProcessGroupError,
+    ShapeError,
+    ShardingError,
+    UnsupportedOpError,
+)
+from distrifx.runtime import ParallelModule, simulate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "parallelize",
+    "simulate",
+    "ParallelModule",
+    "ParallelConfig",
+    "Mode",
+    "GNVariant",
+    "Backend",
+    "DistrifxError",
+    "ConfigError",
+    "ProcessGroupError",
+    "CaptureError",
+    "UnsupportedOpError",
+    "ShardingError",
+    "ShapeError",
+    "CollectiveTimeoutError",
+]

@@ -1,0 +1,75 @@
+"""The public entry points: parallelize a model, inspect what the compiler does with it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch.distributed as dist
+from torch import nn
+
+from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
+from distrifx.errors import ConfigError, ProcessGroupError
+from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator, SimulatedGroup
+from distrifx.runtime.module import ParallelModule
+
+__all__ = ["parallelize"]
+
+
+def _communicator(process_group: Any, config: ParallelConfig) -> Communicator:
+    if isinstance(process_group, SimulatedGroup):
+        comm: Communicator = process_group
+        comm.timeout_s = min(comm.timeout_s, config.timeout_s)
+    else:
+        if not dist.is_available() or not dist.is_initialized():
+            raise ProcessGroupError(
+                "distrifx.parallelize needs an initialised torch.distributed process group: run "
+                "under torchrun and call torch.distributed.init_process_group('nccl' or 'gloo') "
+                "first, or pass process_group=... (a group from distrifx.simulate for one process)."
+            )
+        group = process_group if process_group is not None else dist.group.WORLD
+        comm = ProcessGroupCommunicator(group, config.timeout_s)
+    if comm.world_size != config.world_size:
+        raise ProcessGroupError(
+            f"world_size={config.world_size} but the process group has {comm.world_size} ranks "
+            f"(this is rank {comm.rank}). Pass world_size={comm.world_size}, or launch "
+            f"{config.world_size} processes (torchrun --nproc-per-node {config.world_size})."
+        )
+    return comm
+
+
+def parallelize(
+    model: nn.Module,
+    world_size: int,
+    *,
+    mode: Mode | Literal["sync", "stale", "naive"] = "stale",
+    warmup_steps: int = 4,
+    gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
+    cfg_parallel: bool | Literal["auto"] = "auto",
+    backend: Backend | Literal["eager"] = "eager",
+    process_group: Any = None,
+    timeout_s: float = 300.0,
+) -> ParallelModule:
+    """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
+
+    Call on every rank. The result has the model's call signature and return type and returns
+    the full output on every rank, so it can replace ``pipe.unet`` in an unmodified pipeline.
+
+    Example:
+        >>> dist.init_process_group("gloo")                                # doctest: +SKIP
+        >>> punet = distrifx.parallelize(unet, world_size=2, mode="sync")
+        >>> out = punet(latents, t, encoder_hidden_states=ctx).sample
+    """
+    config = ParallelConfig(
+        world_size=world_size,
+        mode=mode,
+        warmup_steps=warmup_steps,
+        gn_variant=gn_variant,
+        cfg_parallel=cfg_parallel,
+        backend=backend,
+        timeout_s=timeout_s,
+    )
+    if config.backend is not Backend.EAGER:
+        raise ConfigError(f"backend={config.backend.value!r} is not available in this version; use 'eager'.")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")
+    return ParallelModule(model.eval(), config, _communicator(process_group, config))

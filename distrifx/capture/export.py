@@ -1,0 +1,90 @@
+"""Export a model on its first call's inputs into a GraphModule the passes can rewrite.
+
+Parameters and buffers become ``get_attr`` nodes that refer to the model's own tensors (no copy),
+so every per-rank graph shares the weights. Placeholders are the flattened user inputs, in pytree
+order; the output is the flat tuple of user outputs. ``in_spec``/``out_spec`` restore the call
+signature and return type (tuples, dataclass outputs, ``return_dict``).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.export import ExportedProgram
+from torch.export.graph_signature import InputKind, OutputKind
+from torch.fx import Graph, GraphModule
+from torch.utils._pytree import TreeSpec, tree_flatten
+
+from distrifx.errors import CaptureError
+
+__all__ = ["CapturedProgram", "capture", "signature_key"]
+
+# torch.export keeps tracing state in globals; simulated ranks (threads) must not export at once.
+_EXPORT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class CapturedProgram:
+    """A captured model: its global graph and how to call it."""
+
+    graph_module: GraphModule
+    in_spec: TreeSpec
+    out_spec: TreeSpec
+
+
+def signature_key(args: tuple, kwargs: dict) -> Hashable:
+    """What a captured graph is specialized to: tensor shapes/dtypes/devices, other leaf values."""
+    leaves, spec = tree_flatten((args, kwargs))
+    parts = tuple(
+        ("T", tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else ("C", repr(x))
+        for x in leaves
+    )
+    return spec, parts
+
+
+def _lift_to_attrs(ep: ExportedProgram) -> GraphModule:
+    """Rebuild the exported graph with parameters/buffers/constants as ``get_attr`` nodes."""
+    sig = ep.graph_signature
+    tensors = {**ep.state_dict, **ep.constants}
+    lifted = {
+        spec.arg.name: spec.target
+        for spec in sig.input_specs
+        if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR)
+    }
+    mutated = [s for s in sig.output_specs if s.kind not in (OutputKind.USER_OUTPUT,)]
+    if mutated:
+        names = ", ".join(str(s.target) for s in mutated)
+        raise CaptureError(
+            f"the model mutates state during forward ({names}); distrifx parallelizes pure "
+            "inference forwards. Disable in-place state updates (caches, running stats) first."
+        )
+    graph = Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in ep.graph.nodes:
+        if node.op == "placeholder" and node.name in lifted:
+            new = graph.get_attr(lifted[node.name])
+        else:
+            new = graph.node_copy(node, lambda n: env[n])
+        new.meta = dict(node.meta)
+        env[node] = new
+    root = {target: tensors[target] for target in lifted.values()}
+    return GraphModule(root, graph)
+
+
+def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedProgram:
+    """Export ``model(*args, **kwargs)`` (non-strict) and lift its state to attributes."""
+    try:
+        with _EXPORT_LOCK:
+            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+    except Exception as exc:
+        raise CaptureError(
+            f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}\n"
+            "distrifx needs a forward that torch.export can trace without data-dependent Python "
+            "control flow on tensor values. Check torch.export.export(model, args, kwargs, "
+            "strict=False) on its own, and see the torch.export troubleshooting docs."
+        ) from exc
+    return CapturedProgram(_lift_to_attrs(ep), ep.call_spec.in_spec, ep.call_spec.out_spec)

@@ -1,0 +1,81 @@
+"""The parallelization options, validated once, as a frozen dataclass of enums."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Literal
+
+from distrifx.errors import ConfigError
+
+__all__ = ["Mode", "GNVariant", "Backend", "ParallelConfig"]
+
+
+class Mode(str, enum.Enum):
+    """How patches see their neighbours."""
+
+    SYNC = "sync"  # exact: every exchange is fresh, every step
+    STALE = "stale"  # DistriFusion: neighbours' values from the previous step, sent asynchronously
+    NAIVE = "naive"  # no interaction between patches: the quality floor
+
+
+class GNVariant(str, enum.Enum):
+    """Which statistics GroupNorm uses after warm-up in stale mode."""
+
+    CORRECTED = "corrected"  # stale global stats with this rank's part replaced by fresh local stats
+    SYNC = "sync"  # fresh global stats (a synchronous exchange every step)
+    STALE = "stale"  # the previous step's global stats, this rank's part included
+    SEPARATE = "separate"  # local stats only
+
+
+class Backend(str, enum.Enum):
+    """What runs the per-rank graph."""
+
+    EAGER = "eager"
+    INDUCTOR = "inductor"
+
+
+def _enum(cls: type[enum.Enum], value: object, option: str) -> enum.Enum:
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls(value)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in cls)  # type: ignore[attr-defined]
+        raise ConfigError(f"{option}={value!r} is not valid; choose one of {choices}.") from None
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Validated options of :func:`distrifx.parallelize`.
+
+    Example:
+        >>> ParallelConfig(world_size=4, mode="sync").mode
+        <Mode.SYNC: 'sync'>
+    """
+
+    world_size: int
+    mode: Mode = Mode.STALE
+    warmup_steps: int = 4
+    gn_variant: GNVariant = GNVariant.CORRECTED
+    cfg_parallel: bool | Literal["auto"] = "auto"
+    backend: Backend = Backend.EAGER
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
+        object.__setattr__(self, "gn_variant", _enum(GNVariant, self.gn_variant, "gn_variant"))
+        object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
+        problems = []
+        if not isinstance(self.world_size, int) or self.world_size < 1:
+            problems.append(f"world_size={self.world_size!r} must be a positive int")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps!r} must be an int >= 0")
+        if self.cfg_parallel not in ("auto", True, False):
+            problems.append(f"cfg_parallel={self.cfg_parallel!r} must be 'auto', True or False")
+        if self.cfg_parallel is True and isinstance(self.world_size, int) and self.world_size % 2:
+            problems.append(f"cfg_parallel=True needs an even world_size, got {self.world_size}")
+        if not self.timeout_s > 0:
+            problems.append(f"timeout_s={self.timeout_s!r} must be > 0")
+        if problems:
+            raise ConfigError("invalid parallel config: " + "; ".join(problems) + ".")

@@ -1,0 +1,228 @@
+"""Communicators: the collectives the per-rank graphs call, over a process group or simulated.
+
+Every collective is asynchronous: it starts when called and returns a :class:`Work` whose
+``wait()`` gives the result. Waits are bounded by the communicator's timeout, so a dead or
+diverged peer turns into a :class:`~distrifx.errors.CollectiveTimeoutError`, never a hang. Each
+communicator counts bytes sent, collectives started and seconds blocked in ``wait``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from distrifx.errors import CollectiveTimeoutError, DistrifxError
+
+__all__ = ["CommStats", "Work", "Communicator", "ProcessGroupCommunicator", "SimulatedWorld", "SimulatedGroup"]
+
+
+@dataclass
+class CommStats:
+    """Counters since the last :meth:`reset`."""
+
+    bytes_sent: int = 0
+    collectives: int = 0
+    wait_s: float = 0.0
+
+    def reset(self) -> None:
+        self.bytes_sent, self.collectives, self.wait_s = 0, 0, 0.0
+
+
+class Work:
+    """An in-flight collective; ``wait()`` blocks (bounded) and returns its result once."""
+
+    def __init__(self, stats: CommStats, finish: Callable[[], Any]) -> None:
+        self._stats = stats
+        self._finish = finish
+
+    def wait(self) -> Any:
+        start = time.perf_counter()
+        try:
+            return self._finish()
+        finally:
+            self._stats.wait_s += time.perf_counter() - start
+
+
+def _rows(x: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
+    return x.narrow(dim, start if start >= 0 else x.shape[dim] + start, count).contiguous()
+
+
+def _zeros_rows(x: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = count
+    return x.new_zeros(shape)
+
+
+class Communicator(ABC):
+    """The collectives distrifx graphs use. Subclasses implement the transport."""
+
+    def __init__(self, rank: int, world_size: int, timeout_s: float) -> None:
+        self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
+        self.stats = CommStats()
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> Work:
+        """Concatenate every rank's ``x`` along ``dim`` (rank order)."""
+        self.stats.collectives += 1
+        self.stats.bytes_sent += x.numel() * x.element_size() * (self.world_size - 1)
+        return Work(self.stats, self._all_gather(x.contiguous(), dim))
+
+    def neighbour_rows(self, x: torch.Tensor, dim: int, before: int, after: int) -> Work:
+        """Rows around this rank's patch: ``cat([last `before` rows of rank-1, first `after` rows of rank+1])``.
+
+        Missing neighbours (the image border) contribute zeros, which is a conv's zero padding.
+        """
+        self.stats.collectives += 1
+        sends = {}
+        if before and self.rank + 1 < self.world_size:
+            sends[self.rank + 1] = _rows(x, dim, -before, before)
+        if after and self.rank > 0:
+            sends[self.rank - 1] = _rows(x, dim, 0, after)
+        self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
+        recv_shapes = {}
+        if before and self.rank > 0:
+            recv_shapes[self.rank - 1] = _zeros_rows(x, dim, before)
+        if after and self.rank + 1 < self.world_size:
+            recv_shapes[self.rank + 1] = _zeros_rows(x, dim, after)
+        finish = self._exchange(sends, recv_shapes)
+
+        def assemble() -> torch.Tensor:
+            received = finish()
+            prev = received.get(self.rank - 1, _zeros_rows(x, dim, before))
+            nxt = received.get(self.rank + 1, _zeros_rows(x, dim, after))
+            return torch.cat([prev, nxt], dim)
+
+        return Work(self.stats, assemble)
+
+    @abstractmethod
+    def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        """Start the gather; return the function that waits and returns the result."""
+
+    @abstractmethod
+    def _exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+    ) -> Callable[[], dict[int, torch.Tensor]]:
+        """Start point-to-point sends and receives (``recvs`` are buffers); return the waiter."""
+
+
+class ProcessGroupCommunicator(Communicator):
+    """Collectives over a ``torch.distributed`` process group (nccl or gloo)."""
+
+    def __init__(self, group: dist.ProcessGroup, timeout_s: float) -> None:
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), timeout_s)
+        self.group = group
+        self._global_ranks = [dist.get_global_rank(group, r) for r in range(self.world_size)]
+        self._tag = 0
+
+    def _wait(self, works: list[dist.Work], what: str) -> None:
+        for work in works:
+            try:
+                ok = work.wait(timedelta(seconds=self.timeout_s))
+            except RuntimeError as exc:
+                raise CollectiveTimeoutError(
+                    f"rank {self.rank}: {what} failed or timed out after {self.timeout_s:.0f}s: {exc}. "
+                    "A peer rank probably died or runs a different graph; check its log."
+                ) from exc
+            if ok is False:
+                raise CollectiveTimeoutError(f"rank {self.rank}: {what} timed out after {self.timeout_s:.0f}s")
+
+    def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        work = dist.all_gather(parts, x, group=self.group, async_op=True)
+
+        def finish() -> torch.Tensor:
+            self._wait([work], "all_gather")
+            return torch.cat(parts, dim)
+
+        return finish
+
+    def _exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+    ) -> Callable[[], dict[int, torch.Tensor]]:
+        self._tag += 1
+        ops = [dist.P2POp(dist.isend, t, self._global_ranks[p], self.group, self._tag) for p, t in sends.items()]
+        ops += [dist.P2POp(dist.irecv, t, self._global_ranks[p], self.group, self._tag) for p, t in recvs.items()]
+        works = dist.batch_isend_irecv(ops) if ops else []
+
+        def finish() -> dict[int, torch.Tensor]:
+            self._wait(works, "halo exchange")
+            return recvs
+
+        return finish
+
+
+class SimulatedWorld:
+    """N ranks in one process (one thread each), exchanging tensors through a shared mailbox.
+
+    Collectives are matched by each rank's call sequence number, exactly as a real backend
+    matches them by call order. If any rank fails, :meth:`abort` makes every wait raise.
+    """
+
+    def __init__(self, world_size: int, timeout_s: float = 120.0) -> None:
+        self.world_size, self.timeout_s = world_size, timeout_s
+        self._cond = threading.Condition()
+        self._mail: dict[tuple, torch.Tensor] = {}
+        self._reads: dict[tuple, int] = {}
+        self._error: BaseException | None = None
+
+    def group(self, rank: int) -> SimulatedGroup:
+        return SimulatedGroup(self, rank)
+
+    def abort(self, error: BaseException) -> None:
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def post(self, key: tuple, value: torch.Tensor, readers: int) -> None:
+        with self._cond:
+            self._mail[key] = value
+            self._reads[key] = readers
+            self._cond.notify_all()
+
+    def take(self, key: tuple, rank: int) -> torch.Tensor:
+        with self._cond:
+            if not self._cond.wait_for(lambda: key in self._mail or self._error is not None, self.timeout_s):
+                raise CollectiveTimeoutError(
+                    f"simulated rank {rank}: collective {key} timed out after {self.timeout_s:.0f}s "
+                    "(a peer rank is missing or out of step)"
+                )
+            if self._error is not None and key not in self._mail:
+                raise DistrifxError(f"simulated rank {rank}: a peer rank failed: {self._error!r}")
+            value = self._mail[key]
+            self._reads[key] -= 1
+            if not self._reads[key]:
+                del self._mail[key], self._reads[key]
+            return value
+
+
+class SimulatedGroup(Communicator):
+    """One rank of a :class:`SimulatedWorld`; pass it as ``process_group`` to :func:`distrifx.parallelize`."""
+
+    def __init__(self, world: SimulatedWorld, rank: int) -> None:
+        super().__init__(rank, world.world_size, world.timeout_s)
+        self.world = world
+        self._seq = 0
+
+    def _next(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        seq = self._next()
+        self.world.post((seq, "gather", self.rank), x, readers=self.world_size)
+        return lambda: torch.cat([self.world.take((seq, "gather", r), self.rank) for r in range(self.world_size)], dim)
+
+    def _exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+    ) -> Callable[[], dict[int, torch.Tensor]]:
+        seq = self._next()
+        for peer, t in sends.items():
+            self.world.post((seq, "p2p", self.rank, peer), t, readers=1)
+        return lambda: {peer: self.world.take((seq, "p2p", peer, self.rank), self.rank) for peer in recvs}

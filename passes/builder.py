@@ -1,0 +1,171 @@
+"""Builds a per-rank graph node by node: arguments, redistributions, exchanges, carried state."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.fx import Graph, Node
+from torch.fx.proxy import GraphAppendingTracer, Proxy
+
+from distrifx.config import GNVariant
+from distrifx.errors import module_path
+from distrifx.passes.manager import PassContext, Phase
+from distrifx.passes.spec import Placement, Replicate, Shard
+from distrifx.runtime import ops
+
+__all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes"]
+
+META_ORIGIN = "distrifx.origin"
+aten = torch.ops.aten
+
+
+class Form(enum.Enum):
+    """How one exchange appears in a graph."""
+
+    SYNC = "sync"  # start, wait, use: exact
+    STALE = "stale"  # use the previous step's value (a graph input), send this step's (a graph output)
+    NONE = "none"  # no exchange: the patch uses only its own data
+
+
+@dataclass(frozen=True)
+class ExchangeSite:
+    """One place where a rank's graph communicates, for the plan summary and the runtime."""
+
+    name: str
+    kind: str  # "halo" | "kv" | "gn" | "reshard" | "output"
+    module: str
+    form: Form
+    bytes_sent: int  # by this rank, per call of the graph
+    carried: bool  # whether its result is state for the next step
+
+
+def form_for(kind: str, ctx: PassContext, phase: str | None = None) -> Form:
+    """The form of an exchange of ``kind`` in a graph of ``phase`` (default: ``ctx.phase``)."""
+    phase = phase or ctx.phase
+    if kind in ("reshard", "output") or phase in (Phase.SYNC, Phase.WARMUP):
+        return Form.SYNC
+    if phase == Phase.NAIVE:
+        return Form.NONE
+    if kind == "gn":
+        return {
+            GNVariant.SYNC: Form.SYNC,
+            GNVariant.SEPARATE: Form.NONE,
+        }.get(ctx.gn_variant, Form.STALE)
+    return Form.STALE
+
+
+def is_carried(kind: str, ctx: PassContext) -> bool:
+    """Whether graphs of this phase emit the exchange's result as state for the next step."""
+    return ctx.phase in (Phase.WARMUP, Phase.STALE) and form_for(kind, ctx, Phase.STALE) is Form.STALE
+
+
+def gather_bytes(global_value: torch.Tensor, world_size: int) -> int:
+    """Bytes one rank sends in an all-gather of its 1/N block of ``global_value`` (to N-1 peers)."""
+    return _nbytes(global_value) // world_size * (world_size - 1)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+class Builder:
+    """Appends nodes to a new per-rank graph; remembers the old-to-new node map and exchanges."""
+
+    def __init__(self, ctx: PassContext) -> None:
+        self.ctx = ctx
+        self.graph = Graph()
+        self.comm = self.graph.placeholder("comm")
+        self.comm.meta[META_ORIGIN] = "comm"
+        self._last_placeholder = self.comm
+        self.env: dict[Node, Node] = {}
+        self.state_in: dict[str, Node] = {}
+        self.state_out: dict[str, Node] = {}
+        self.sites: list[ExchangeSite] = []
+        self.origin: Node | None = None
+        self._resharded: dict[tuple[Node, Placement], Node] = {}
+
+    # -- nodes -------------------------------------------------------------------------------
+    def placeholder(self, name: str) -> Node:
+        with self.graph.inserting_after(self._last_placeholder):
+            node = self.graph.placeholder(name)
+        node.meta[META_ORIGIN] = name
+        self._last_placeholder = node
+        return node
+
+    def call(self, target: Callable[..., Any], args: tuple, kwargs: dict | None = None) -> Node:
+        return self.graph.call_function(target, args, kwargs or {})
+
+    def trace(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Append the torch ops ``fn`` performs on ``args`` (nodes become proxies) to the graph."""
+        tracer = GraphAppendingTracer(self.graph)
+        wrapped = [Proxy(a, tracer) if isinstance(a, Node) else a for a in args]
+        out = fn(*wrapped)
+        if isinstance(out, tuple):
+            return tuple(o.node for o in out)
+        return out.node
+
+    def tag_new_nodes(self) -> None:
+        """Mark nodes appended since the last call with the old node they implement."""
+        origin = self.origin
+        for node in reversed(self.graph.nodes):
+            if META_ORIGIN in node.meta:
+                break
+            node.meta[META_ORIGIN] = origin.name if origin is not None else "output"
+            if origin is not None and "nn_module_stack" in origin.meta:
+                node.meta["nn_module_stack"] = origin.meta["nn_module_stack"]
+
+    # -- placements --------------------------------------------------------------------------
+    def local_block(self, x: Node, dim: int, local: int) -> Node:
+        """This rank's block of a replicated tensor along ``dim`` (free: a slice)."""
+        start = self.ctx.rank * local
+        return self.call(aten.slice.Tensor, (x, dim, start, start + local))
+
+    def redistribute(self, old: Node, new: Node, have: Placement, want: Placement) -> Node:
+        """Convert ``new`` (the rank's value of ``old``) from placement ``have`` to ``want``."""
+        key = (old, want)
+        if key in self._resharded:
+            return self._resharded[key]
+        value = new
+        if isinstance(have, Shard):
+            nbytes = gather_bytes(old.meta["val"], self.ctx.world_size)
+            value = self.exchange(f"reshard_{old.name}", "reshard", ops.all_gather_start,
+                                  (value, have.dim), nbytes)[0]
+        if isinstance(want, Shard):
+            extent = old.meta["val"].shape[want.dim]
+            value = self.local_block(value, want.dim, int(extent) // self.ctx.world_size)
+        self._resharded[key] = value
+        return value
+
+    # -- exchanges ---------------------------------------------------------------------------
+    def exchange(
+        self, name: str, kind: str, start: Callable[..., Any], args: tuple, nbytes: int
+    ) -> tuple[Node | None, Node | None]:
+        """Emit one exchange in the form this graph needs; return ``(fresh now, stale)`` nodes.
+
+        In SYNC form the first is the fresh result; in STALE form the second is the previous
+        step's result (a new graph input) and the fresh one becomes a graph output; in NONE form
+        both are None. ``nbytes`` is what this rank sends, for the plan.
+        """
+        form = form_for(kind, self.ctx)
+        carried = form is not Form.NONE and is_carried(kind, self.ctx)
+        self.sites.append(ExchangeSite(
+            name=name,
+            kind=kind,
+            module=module_path(self.origin) if self.origin is not None else "<output>",
+            form=form,
+            bytes_sent=0 if form is Form.NONE else nbytes,
+            carried=carried,
+        ))
+        if form is Form.NONE:
+            return None, None
+        result = self.call(ops.wait, (self.call(start, (self.comm, *args)),))
+        if carried:
+            self.state_out[name] = result
+        if form is Form.SYNC:
+            return result, None
+        self.state_in[name] = self.placeholder(f"stale_{name}")
+        return None, self.state_in[name]

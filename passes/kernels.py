@@ -1,0 +1,66 @@
+"""The math the rewrites put into per-rank graphs, written as plain torch functions.
+
+The shard pass traces them into the graph with FX proxies, so each one is readable here and
+becomes ordinary graph nodes there. Shapes they need are passed as Python ints (static per rank).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["group_stats", "combine_group_stats", "group_norm_apply", "splice_own", "halo_split"]
+
+
+def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per-(batch, group) ``[mean, biased var]`` of this rank's patch, shaped (1, B, G, 2), in fp32."""
+    xf = x.float().unflatten(1, (groups, -1)).flatten(2)
+    return torch.stack([xf.mean(-1), xf.var(-1, correction=0)], -1).unsqueeze(0)
+
+
+def combine_group_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global mean and biased variance from N equal-sized patches' (N, B, G, 2) stats.
+
+    Chan's parallel formula: var = mean_k(var_k) + mean_k((mean_k - mean)^2). It equals
+    E[x^2] - E[x]^2 exactly in real arithmetic, but never goes negative and loses no precision
+    when the mean is large.
+    """
+    means = stats[..., 0]
+    mean = means.mean(0)
+    return mean, stats[..., 1].mean(0) + (means - mean).square().mean(0)
+
+
+def group_norm_apply(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    ndim: int,
+) -> torch.Tensor:
+    """GroupNorm of ``x`` (ndim dims: B, C, spatial...) with given (B, G) statistics and affine."""
+    grouped = (None,) * (ndim - 1)  # (B, G) -> (B, G, 1, *spatial ones)
+    xg = x.float().unflatten(1, (groups, -1))
+    y = (xg - mean[(...,) + grouped]) * torch.rsqrt(var[(...,) + grouped] + eps)
+    y = y.flatten(1, 2).to(x.dtype)
+    channel = (slice(None),) + (None,) * (ndim - 2)
+    if weight is not None:
+        y = y * weight[channel]
+    if bias is not None:
+        y = y + bias[channel]
+    return y
+
+
+def splice_own(
+    stale: torch.Tensor, fresh: torch.Tensor, dim: int, rank: int, size: int, world_size: int
+) -> torch.Tensor:
+    """``stale`` (all ranks' blocks along ``dim``) with block ``rank`` (of ``size``) replaced by ``fresh``."""
+    before = stale.narrow(dim, 0, rank * size)
+    after = stale.narrow(dim, (rank + 1) * size, (world_size - rank - 1) * size)
+    return torch.cat([before, fresh, after], dim)
+
+
+def halo_split(rows: torch.Tensor, dim: int, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split the ``[previous patch rows; next patch rows]`` tensor of a halo exchange."""
+    return rows.narrow(dim, 0, before), rows.narrow(dim, before, after)

@@ -1,0 +1,117 @@
+"""Rewriters: emit the per-rank form of the ops that need other patches.
+
+One function per :class:`~distrifx.passes.spec.Rewrite` type, in a registry. Each gets the
+builder, the old node, its rewrite description and the node's already-mapped arguments, and
+returns the new node. The exchange *form* (sync, stale, none) comes from the builder, so each
+rewriter is written once for all modes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.fx import Node
+
+from distrifx.config import GNVariant
+from distrifx.passes import kernels
+from distrifx.passes.builder import Builder, gather_bytes
+from distrifx.passes.rules.registry import global_shape
+from distrifx.passes.spec import GatherKV, GlobalGroupNorm, HaloConv, Rewrite
+from distrifx.runtime import ops
+
+__all__ = ["REWRITERS", "rewriter"]
+
+aten = torch.ops.aten
+RewriterFn = Callable[[Builder, Node, Any, tuple, dict], Node]
+REWRITERS: dict[type[Rewrite], RewriterFn] = {}
+
+
+def rewriter(kind: type[Rewrite]) -> Callable[[RewriterFn], RewriterFn]:
+    def deco(fn: RewriterFn) -> RewriterFn:
+        if kind in REWRITERS:
+            raise ValueError(f"a rewriter for {kind.__name__} is already registered")
+        REWRITERS[kind] = fn
+        return fn
+
+    return deco
+
+
+def _conv_args(args: tuple) -> tuple[Any, ...]:
+    """(x, weight, bias, stride, padding, dilation, groups) with the schema's defaults filled in."""
+    defaults = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
+    full = tuple(args) + defaults[len(args):]
+    pair = lambda v: [v, v] if isinstance(v, int) else (list(v) * 2 if len(v) == 1 else list(v))  # noqa: E731
+    x, w, b, stride, padding, dilation, groups = full
+    return x, w, b, pair(stride), pair(padding), pair(dilation), groups
+
+
+@rewriter(HaloConv)
+def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) -> Node:
+    x, w, bias, stride, padding, dilation, groups = _conv_args(args)
+    kernel = global_shape(node.args[1])[2]
+    if rw.from_replicated:
+        window = (rw.out_rows_local - 1) * rw.stride + (kernel - 1) * dilation[0] + 1
+        start = b.ctx.rank * rw.out_rows_local * rw.stride
+        padded = b.call(aten.constant_pad_nd.default, (x, [0, 0, padding[0], padding[0]])) if padding[0] else x
+        x_in = b.call(aten.slice.Tensor, (padded, rw.dim, start, start + window))
+    else:
+        local_rows = global_shape(node.args[0])[rw.dim] // b.ctx.world_size
+        own = x if rw.after >= 0 else b.call(aten.slice.Tensor, (x, rw.dim, 0, local_rows + rw.after))
+        before, after = rw.before, max(rw.after, 0)
+        x_in = own
+        if before or after:
+            row_bytes = _row_bytes(node.args[0], rw.dim, b.ctx.world_size)
+            now, stale = b.exchange(f"halo_{node.name}", "halo", ops.neighbour_rows_start,
+                                    (x, rw.dim, before, after), row_bytes * (before + after))
+            rows = now if now is not None else stale
+            if rows is None:  # naive: the patch border is zero-padded like the image border
+                x_in = b.call(aten.constant_pad_nd.default, (own, [0, 0, before, after]))
+            else:
+                prev, nxt = b.trace(kernels.halo_split, rows, rw.dim, before, after)
+                x_in = b.call(aten.cat.default, ([prev, own, nxt], rw.dim))
+    return b.call(aten.conv2d.default, (x_in, w, bias, stride, [0, padding[1]], dilation, groups))
+
+
+def _row_bytes(x: Node, dim: int, world_size: int) -> int:
+    val = x.meta["val"]
+    return val.numel() // val.shape[dim] * val.element_size()
+
+
+@rewriter(GlobalGroupNorm)
+def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs: dict) -> Node:
+    x, groups = args[0], args[1]
+    weight, bias, eps = (tuple(args[2:5]) + (None, None, 1e-5)[len(args) - 2:])[:3]
+    stats = b.trace(kernels.group_stats, x, groups)
+    batch = global_shape(node)[0]
+    nbytes = batch * groups * 2 * 4 * (b.ctx.world_size - 1)
+    now, stale = b.exchange(f"gn_{node.name}", "gn", ops.all_gather_start, (stats, 0), nbytes)
+    if now is not None:
+        all_stats = now
+    elif stale is not None and b.ctx.gn_variant is GNVariant.STALE:
+        all_stats = stale
+    elif stale is not None:  # corrected: the others' stale stats, this rank's fresh ones
+        all_stats = b.trace(kernels.splice_own, stale, stats, 0, b.ctx.rank, 1, b.ctx.world_size)
+    else:
+        all_stats = stats
+    mean, var = b.trace(kernels.combine_group_stats, all_stats)
+    ndim = len(global_shape(node))
+    return b.trace(kernels.group_norm_apply, x, mean, var, groups, weight, bias, eps, ndim)
+
+
+@rewriter(GatherKV)
+def _gather_kv(b: Builder, node: Node, rw: GatherKV, args: tuple, kwargs: dict) -> Node:
+    q, k, v, *rest = args
+    gathered = []
+    for tag, old, new in (("k", node.args[1], k), ("v", node.args[2], v)):
+        nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
+        now, stale = b.exchange(f"{tag}_{node.name}", "kv", ops.all_gather_start, (new, rw.seq_dim), nbytes)
+        if now is not None:
+            gathered.append(now)
+        elif stale is not None:
+            local = global_shape(old)[rw.seq_dim] // b.ctx.world_size
+            gathered.append(b.trace(kernels.splice_own, stale, new, rw.seq_dim, b.ctx.rank, local, b.ctx.world_size))
+        else:
+            gathered.append(new)
+    return b.call(node.target, (q, *gathered, *rest), kwargs)

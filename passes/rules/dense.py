@@ -1,0 +1,98 @@
+"""Per-token ops (linear, layer norm, softmax, reductions) and attention."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from distrifx.errors import ShardingError, where
+from distrifx.passes.rules.registry import RuleContext, global_shape, placement_of, register, sharded_inputs
+from distrifx.passes.spec import Decision, GatherKV, Placement, Replicate, Shard
+
+aten = torch.ops.aten
+
+
+def _gather_first(node: Node) -> Decision:
+    return Decision(output=Replicate(), inputs={a: Replicate() for a, _ in sharded_inputs(node)})
+
+
+@register(aten.linear.default)
+def _linear(node: Node, ctx: RuleContext) -> Decision:
+    x, weight = node.args[0], node.args[1]
+    placement = placement_of(x)
+    if isinstance(placement_of(weight), Shard):
+        raise ShardingError(f"{where(node)}: the linear weight is sharded; only activations may be.")
+    if isinstance(placement, Replicate):
+        return Decision(output=Replicate())
+    if placement.dim == len(global_shape(x)) - 1:
+        return _gather_first(node)
+    return Decision(output=placement)
+
+
+@register(aten.layer_norm.default)
+def _layer_norm(node: Node, ctx: RuleContext) -> Decision:
+    x, normalized = node.args[0], node.args[1]
+    placement = placement_of(x)
+    if isinstance(placement, Replicate):
+        return Decision(output=Replicate())
+    if placement.dim >= len(global_shape(x)) - len(normalized):
+        return _gather_first(node)
+    return Decision(output=placement)
+
+
+@register(aten.softmax.int, aten._softmax.default, aten.log_softmax.int)
+def _softmax(node: Node, ctx: RuleContext) -> Decision:
+    x, dim = node.args[0], node.args[1]
+    placement = placement_of(x)
+    if isinstance(placement, Replicate):
+        return Decision(output=Replicate())
+    if dim % len(global_shape(x)) == placement.dim:
+        return _gather_first(node)
+    return Decision(output=placement)
+
+
+@register(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
+          aten.var.correction, aten.std.correction)
+def _reduce(node: Node, ctx: RuleContext) -> Decision:
+    x = node.args[0]
+    placement = placement_of(x)
+    if isinstance(placement, Replicate):
+        return Decision(output=Replicate())
+    rank = len(global_shape(x))
+    dims = node.args[1] if len(node.args) > 1 else None
+    dims = list(range(rank)) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    dims = {d % rank for d in dims}
+    if placement.dim in dims:
+        return _gather_first(node)
+    keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    removed = 0 if keepdim else sum(1 for d in dims if d < placement.dim)
+    return Decision(output=Shard(placement.dim - removed))
+
+
+@register(aten.scaled_dot_product_attention.default)
+def _sdpa(node: Node, ctx: RuleContext) -> Decision:
+    """Queries keep their shard; sharded keys/values are gathered; replicated ones (text) are used as is."""
+    q, k, v = node.args[:3]
+    mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+    pq, pk, pv = placement_of(q), placement_of(k), placement_of(v)
+    rank = len(global_shape(q))
+    seq = rank - 2
+    for name, p in (("query", pq), ("key", pk), ("value", pv)):
+        if isinstance(p, Shard) and p.dim != seq:
+            raise ShardingError(
+                f"{where(node)}: attention {name} is sharded on dim {p.dim}; only the token "
+                f"dim ({seq}) may be sharded."
+            )
+    if isinstance(pk, Shard) != isinstance(pv, Shard):
+        raise ShardingError(f"{where(node)}: keys and values must be both sharded or both replicated.")
+    if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
+        raise ShardingError(f"{where(node)}: causal attention over image patches is not supported.")
+    inputs: dict[Node, Placement] = {}
+    if isinstance(mask, Node) and isinstance(pq, Shard):
+        if isinstance(placement_of(mask), Shard):
+            raise ShardingError(f"{where(node)}: a sharded attention mask is not supported.")
+        if global_shape(mask)[-2] != 1:
+            inputs[mask] = Shard(len(global_shape(mask)) - 2)
+    output = Shard(seq) if isinstance(pq, Shard) else Replicate()
+    rewrite = GatherKV(seq_dim=seq) if isinstance(pk, Shard) else None
+    return Decision(output=output, inputs=inputs, rewrite=rewrite)
