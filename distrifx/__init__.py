@@ -6,6 +6,7 @@
 
 from distrifx.api import parallelize
 from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
+from distrifx.launch import launch
 from distrifx.errors import (
     CaptureError,
     CollectiveTimeoutError,
@@ -17,12 +18,16 @@ from distrifx.errors import (
     UnsupportedOpError,
 )
 from distrifx.runtime import ParallelModule, simulate
+from distrifx.inspect import Plan, explain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "parallelize",
     "simulate",
+    "launch",
+    "explain",
+    "Plan",
     "ParallelModule",
     "ParallelConfig",
     "Mode",

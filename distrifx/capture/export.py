@@ -9,8 +9,9 @@ signature and return type (tuples, dataclass outputs, ``return_dict``).
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,15 +26,22 @@ __all__ = ["CapturedProgram", "capture", "signature_key"]
 
 # torch.export keeps tracing state in globals; simulated ranks (threads) must not export at once.
 _EXPORT_LOCK = threading.Lock()
+# One capture per (model, input signature), shared by every ParallelModule of that model in this
+# process (simulated ranks, several modes). Keyed weakly; invalidated when parameters are replaced.
+_CACHE: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, CapturedProgram]] = weakref.WeakKeyDictionary()
 
 
 @dataclass(frozen=True)
 class CapturedProgram:
-    """A captured model: its global graph and how to call it."""
+    """A captured model: its global graph and how to call it.
+
+    The analysis pass writes metadata on ``graph_module``; hold ``lock`` while running passes on it.
+    """
 
     graph_module: GraphModule
     in_spec: TreeSpec
     out_spec: TreeSpec
+    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
 
 def signature_key(args: tuple, kwargs: dict) -> Hashable:
@@ -75,11 +83,23 @@ def _lift_to_attrs(ep: ExportedProgram) -> GraphModule:
     return GraphModule(root, graph)
 
 
+def _state_fingerprint(model: torch.nn.Module) -> Hashable:
+    return tuple((name, id(t)) for name, t in model.state_dict(keep_vars=True).items())
+
+
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedProgram:
-    """Export ``model(*args, **kwargs)`` (non-strict) and lift its state to attributes."""
+    """Export ``model(*args, **kwargs)`` (non-strict) and lift its state to attributes (cached)."""
+    key = (signature_key(args, kwargs), _state_fingerprint(model))
+    with _EXPORT_LOCK:
+        cached = _CACHE.setdefault(model, {})
+        if key not in cached:
+            cached[key] = _export(model, args, kwargs)
+        return cached[key]
+
+
+def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedProgram:
     try:
-        with _EXPORT_LOCK:
-            ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
+        ep = torch.export.export(model, tuple(args), dict(kwargs), strict=False)
     except Exception as exc:
         raise CaptureError(
             f"torch.export could not capture {type(model).__name__}: {type(exc).__name__}: {exc}\n"

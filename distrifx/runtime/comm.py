@@ -176,9 +176,14 @@ class SimulatedWorld:
         return SimulatedGroup(self, rank)
 
     def abort(self, error: BaseException) -> None:
+        """Fail every pending and future wait; the first error is kept as the cause."""
         with self._cond:
-            self._error = error
+            self._error = self._error or error
             self._cond.notify_all()
+
+    @property
+    def first_error(self) -> BaseException | None:
+        return self._error
 
     def post(self, key: tuple, value: torch.Tensor, readers: int) -> None:
         with self._cond:

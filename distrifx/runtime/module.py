@@ -31,7 +31,8 @@ class ParallelModule(nn.Module):
     """A model split into row patches over the ranks of a communicator.
 
     Call it exactly like the model: same arguments, same return type, the full output on every
-    rank. Graphs are captured and built on the first call for each input signature.
+    rank. Graphs are captured and built on the first call for each input signature. Inference
+    only: forward runs without autograd (collectives have no backward here).
     """
 
     def __init__(self, model: nn.Module, config: ParallelConfig, comm: Communicator) -> None:
@@ -91,6 +92,7 @@ class ParallelModule(nn.Module):
             return Phase.WARMUP
         return Phase.STALE
 
+    @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         program = self.program(*args, **kwargs)
         new_generation = self.steps.advance(self._timestep(args, kwargs), signature_key(args, kwargs))

@@ -47,12 +47,13 @@ class RankProgram:
 
 def build_program(captured: CapturedProgram, config: ParallelConfig, rank: int, name: str) -> RankProgram:
     """Run the pass pipeline for every phase ``config.mode`` needs, for one rank."""
-    graphs = {
-        phase: build_rank_graph(
-            captured.graph_module,
-            PassContext(rank=rank, world_size=config.world_size, phase=phase,
-                        gn_variant=config.gn_variant, name=name),
-        )
-        for phase in phases_for(config.mode)
-    }
+    with captured.lock:
+        graphs = {
+            phase: build_rank_graph(
+                captured.graph_module,
+                PassContext(rank=rank, world_size=config.world_size, phase=phase,
+                            gn_variant=config.gn_variant, name=name),
+            )
+            for phase in phases_for(config.mode)
+        }
     return RankProgram(graphs=graphs, out_spec=captured.out_spec)

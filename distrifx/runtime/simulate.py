@@ -26,13 +26,11 @@ def simulate(fn: Callable[[SimulatedGroup], T], world_size: int, timeout_s: floa
     """
     world = SimulatedWorld(world_size, timeout_s)
     results: list = [None] * world_size
-    errors: list[BaseException | None] = [None] * world_size
 
     def body(rank: int) -> None:
         try:
             results[rank] = fn(world.group(rank))
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            errors[rank] = exc
             world.abort(exc)
 
     threads = [threading.Thread(target=body, args=(r,), name=f"distrifx-rank{r}") for r in range(world_size)]
@@ -40,7 +38,6 @@ def simulate(fn: Callable[[SimulatedGroup], T], world_size: int, timeout_s: floa
         t.start()
     for t in threads:
         t.join()
-    first = next((e for e in errors if e is not None), None)
-    if first is not None:
-        raise first
+    if world.first_error is not None:  # the root cause, not the peers' "a peer failed"
+        raise world.first_error
     return results

@@ -1,0 +1,110 @@
+"""See what the compiler does with a model, without a process group.
+
+``distrifx.explain`` builds one rank's graphs and returns a :class:`Plan`: the exchange sites
+(halo convs, gathered attentions, group norms, resharding, output gathers), the bytes this rank
+sends per step, and the per-rank graph with collective nodes before and after scheduling.
+For every pass's before/after graph, set ``DISTRIFX_DUMP_DIR`` (see ``distrifx.passes.manager``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.fx import GraphModule
+
+from distrifx.capture import capture
+from distrifx.config import ParallelConfig
+from distrifx.passes import META_SITES, PassContext, build_rank_graph
+from distrifx.passes.builder import ExchangeSite
+from distrifx.runtime.ops import is_start, is_wait
+from distrifx.runtime.program import phases_for
+
+__all__ = ["Plan", "explain", "collective_timeline"]
+
+
+def collective_timeline(gm: GraphModule) -> str:
+    """The graph's node order, compute runs collapsed, starts and waits spelled out."""
+    lines: list[str] = []
+    compute = 0
+    for node in gm.graph.nodes:
+        if is_start(node) or is_wait(node):
+            if compute:
+                lines.append(f"    ... {compute} compute nodes")
+                compute = 0
+            what = "start" if is_start(node) else "wait "
+            lines.append(f"  {what} {node.meta.get('distrifx.origin', node.name)} ({node.name})")
+        elif node.op == "call_function":
+            compute += 1
+    if compute:
+        lines.append(f"    ... {compute} compute nodes")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One rank's compiled graphs for one input signature, by phase."""
+
+    config: ParallelConfig
+    rank: int
+    graphs: dict[str, GraphModule]
+    unscheduled: dict[str, GraphModule]
+
+    def sites(self, phase: str) -> tuple[ExchangeSite, ...]:
+        return self.graphs[phase].meta[META_SITES]
+
+    def bytes_per_step(self, phase: str) -> int:
+        return sum(s.bytes_sent for s in self.sites(phase))
+
+    def summary(self) -> str:
+        """A human-readable table of exchanges per phase."""
+        out = [f"distrifx plan: world_size={self.config.world_size}, rank={self.rank}, "
+               f"mode={self.config.mode.value}, gn_variant={self.config.gn_variant.value}"]
+        for phase in self.graphs:
+            sites = self.sites(phase)
+            kinds = Counter(s.kind for s in sites)
+            forms = Counter(s.form.value for s in sites)
+            out.append(
+                f"\n[{phase}] {len(sites)} exchanges: "
+                + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
+                + f" | forms: " + ", ".join(f"{k} x{v}" for k, v in sorted(forms.items()))
+                + f" | sent by this rank per step: {self.bytes_per_step(phase) / 2**20:.3f} MiB"
+            )
+            for s in sites:
+                out.append(f"  {s.kind:8s} {s.form.value:6s} {s.bytes_sent:>10d} B  {s.name:40s} {s.module}")
+        return "\n".join(out)
+
+    def timeline(self, phase: str, scheduled: bool = True) -> str:
+        """Collective order of ``phase``'s graph after (or before) the scheduling pass."""
+        return collective_timeline((self.graphs if scheduled else self.unscheduled)[phase])
+
+
+def explain(
+    model: nn.Module,
+    args: tuple,
+    kwargs: dict | None = None,
+    *,
+    world_size: int,
+    rank: int = 0,
+    **options: Any,
+) -> Plan:
+    """Build rank ``rank``'s graphs for ``model(*args, **kwargs)`` and describe them.
+
+    ``options`` are those of :func:`distrifx.parallelize` (mode, gn_variant, ...).
+
+    Example:
+        >>> print(distrifx.explain(unet, (x, t), {"encoder_hidden_states": ctx},   # doctest: +SKIP
+        ...                        world_size=4, mode="stale").summary())
+    """
+    config = ParallelConfig(world_size=world_size, **options)
+    captured = capture(model.eval(), args, kwargs or {})
+    graphs, unscheduled = {}, {}
+    with captured.lock:
+        for phase in phases_for(config.mode):
+            ctx = PassContext(rank=rank, world_size=world_size, phase=phase,
+                              gn_variant=config.gn_variant, name=type(model).__name__)
+            graphs[phase] = build_rank_graph(captured.graph_module, ctx)
+            unscheduled[phase] = build_rank_graph(captured.graph_module, ctx, skip=("schedule",))
+    return Plan(config=config, rank=rank, graphs=graphs, unscheduled=unscheduled)

@@ -1,0 +1,107 @@
+"""Spawn local ranks without torchrun: free port, gloo on CPU, nccl with one GPU per rank."""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from distrifx.errors import DistrifxError
+
+__all__ = ["launch", "free_port"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(
+    rank: int, world_size: int, port: int, backend: str, threads: int | None, timeout_s: float,
+    fn: Callable[..., Any], args: tuple, results: Any,
+) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
+        results.put((rank, True, fn(*args)))
+    except BaseException:  # noqa: BLE001 - reported to the parent, which fails the launch
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    backend: str | None = None,
+    threads_per_rank: int | None = None,
+    timeout_s: float = 300.0,
+    all_ranks: bool = False,
+) -> Any:
+    """Run ``fn(*args)`` on ``world_size`` new local processes in one process group.
+
+    ``fn`` must be importable (a module-level function). Returns rank 0's result, or every
+    rank's (a list) with ``all_ranks=True``. If a rank raises or dies, the others are stopped and
+    a :class:`DistrifxError` carries the failing rank's traceback; the whole launch is bounded
+    by ``timeout_s``.
+
+    Example:
+        >>> image = distrifx.launch(generate, 2, prompt)                     # doctest: +SKIP
+    """
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() and torch.cuda.device_count() >= world_size else "gloo"
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, backend, threads_per_rank, timeout_s, fn, args, results),
+                    daemon=False, name=f"distrifx-rank{r}")
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    outputs: dict[int, Any] = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(outputs) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise DistrifxError(
+                        f"{dead[0].name} died with exit code {dead[0].exitcode} before returning; "
+                        "the other ranks were stopped."
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise DistrifxError(f"launch timed out after {timeout_s:.0f}s; ranks were stopped.") from None
+                continue
+            if not ok:
+                raise DistrifxError(f"rank {rank} failed; the other ranks were stopped.\n{value}")
+            outputs[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=10 if len(outputs) == world_size else 0.5)
+            if p.is_alive():
+                p.terminate()
+                p.join(timeout=5)
+    return [outputs[r] for r in range(world_size)] if all_ranks else outputs[0]

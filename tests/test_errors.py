@@ -1,0 +1,107 @@
+"""Every user-facing error says what, where, why and how to fix it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import distrifx
+from distrifx.models import tiny_unet, unet_inputs
+
+
+def _call_simulated(model, world_size, *args, **options):
+    def rank(group):
+        return distrifx.parallelize(model, world_size, process_group=group, **options)(*args)
+
+    return distrifx.simulate(rank, world_size)
+
+
+def test_no_process_group():
+    with pytest.raises(distrifx.ProcessGroupError, match="init_process_group"):
+        distrifx.parallelize(tiny_unet("sd15"), 2)
+
+
+def test_world_size_differs_from_simulated_group():
+    with pytest.raises(distrifx.ProcessGroupError, match="world_size=4 but the process group has 2 ranks"):
+        distrifx.simulate(lambda g: distrifx.parallelize(tiny_unet("sd15"), 4, process_group=g), 2)
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"mode": "fast"}, "mode='fast' is not valid; choose one of 'sync', 'stale', 'naive'"),
+        ({"gn_variant": "x"}, "gn_variant='x' is not valid"),
+        ({"warmup_steps": -1}, "warmup_steps=-1 must be an int >= 0"),
+        ({"cfg_parallel": "yes"}, "cfg_parallel='yes'"),
+        ({"backend": "tensorrt"}, "backend='tensorrt' is not valid"),
+    ],
+)
+def test_invalid_options(options, message):
+    with pytest.raises(distrifx.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        distrifx.parallelize(tiny_unet("sd15"), 2, **options)
+
+
+def test_invalid_options_name_every_problem():
+    with pytest.raises(distrifx.ConfigError) as info:
+        distrifx.ParallelConfig(world_size=0, warmup_steps=-2)
+    assert "world_size=0" in str(info.value) and "warmup_steps=-2" in str(info.value)
+
+
+def test_height_that_does_not_split_names_the_heights_that_do():
+    unet = tiny_unet("sd15")  # one downsampling: latent rows must be multiples of 2 x 4 ranks
+    args, kwargs = unet_inputs(unet, 1, 20, 16)
+    with pytest.raises(distrifx.ShapeError) as info:
+        distrifx.explain(unet, args, kwargs, world_size=4)
+    text = str(info.value)
+    assert "down_blocks" in text or "conv" in text
+    assert "must be multiples of 8, e.g. [8, 16, 24, 32" in text
+
+
+class _RowCumsum(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.cumsum(2)
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.head = _RowCumsum()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x))
+
+
+def test_op_without_rule_names_op_module_and_fix():
+    with pytest.raises(distrifx.UnsupportedOpError) as info:
+        distrifx.explain(_Model(), (torch.randn(1, 3, 8, 8),), world_size=2)
+    text = str(info.value)
+    assert "aten.cumsum.default" in text
+    assert "in module head (_RowCumsum)" in text
+    assert "no sharding rule is registered" in text
+    assert "distrifx.passes.rules.register" in text
+
+
+class _DataDependent(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+def test_model_that_cannot_be_captured():
+    with pytest.raises(distrifx.CaptureError, match="torch.export could not capture _DataDependent"):
+        distrifx.explain(_DataDependent(), (torch.randn(1, 3, 8, 8),), world_size=2)
+
+
+def test_a_failing_simulated_rank_releases_the_others():
+    def rank(group):
+        if group.rank == 1:
+            raise ValueError("rank 1 broke")
+        unet = tiny_unet("sd15")
+        args, kwargs = unet_inputs(unet)
+        return distrifx.parallelize(unet, 2, mode="sync", process_group=group)(*args, **kwargs)
+
+    with pytest.raises(ValueError, match="rank 1 broke"):
+        distrifx.simulate(rank, 2, timeout_s=60)

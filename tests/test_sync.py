@@ -1,0 +1,85 @@
+"""Sync mode equals the unmodified model, on every rank (simulated ranks in one process)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distrifx
+from distrifx.models import tiny_unet, unet_inputs
+from tests.conftest import max_rank_error
+
+ATOL = 1e-5
+
+
+def _sync_outputs(unet, world_size, args, kwargs):
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, world_size, mode="sync", process_group=group)
+        return pmodel(*args, **kwargs).sample
+
+    with torch.no_grad():
+        return distrifx.simulate(rank, world_size)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd2", "sdxl"])
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("batch,height,width", [(1, 16, 16), (2, 32, 16)])
+def test_sync_equals_eager(name, world_size, batch, height, width):
+    unet = tiny_unet(name)
+    args, kwargs = unet_inputs(unet, batch, height, width)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+    outputs = _sync_outputs(unet, world_size, args, kwargs)
+    assert len(outputs) == world_size
+    assert max_rank_error(outputs, expected) < ATOL
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl"])
+def test_sync_equals_eager_eight_simulated_ranks(name):
+    unet = tiny_unet(name)
+    args, kwargs = unet_inputs(unet, 1, 32, 24)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+    assert max_rank_error(_sync_outputs(unet, 8, args, kwargs), expected) < ATOL
+
+
+def test_return_types_follow_the_model():
+    unet = tiny_unet("sd15")
+    args, kwargs = unet_inputs(unet)
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, 2, mode="sync", process_group=group)
+        return pmodel(*args, **kwargs), pmodel(*args, **kwargs, return_dict=False)
+
+    with torch.no_grad():
+        expected = unet(*args, **kwargs)
+        (as_dict, as_tuple), _ = distrifx.simulate(rank, 2)
+    assert type(as_dict) is type(expected)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 1
+    assert torch.allclose(as_tuple[0], expected.sample, atol=ATOL)
+
+
+def test_pipeline_attributes_are_forwarded_and_others_refused():
+    unet = tiny_unet("sdxl")
+    [pmodel] = distrifx.simulate(lambda g: distrifx.parallelize(unet, 1, process_group=g), 1)
+    assert pmodel.config is unet.config
+    assert pmodel.dtype == unet.dtype and pmodel.device == unet.device
+    assert pmodel.add_embedding is unet.add_embedding
+    with pytest.raises(AttributeError, match=r"\.module"):
+        pmodel.down_blocks  # noqa: B018
+
+
+def test_new_input_shape_recaptures():
+    unet = tiny_unet("sd15")
+    small, kw_small = unet_inputs(unet, 1, 16, 16)
+    large, kw_large = unet_inputs(unet, 1, 32, 16)
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, 2, mode="sync", process_group=group)
+        outs = pmodel(*small, **kw_small).sample, pmodel(*large, **kw_large).sample
+        return outs, len(pmodel._programs)
+
+    with torch.no_grad():
+        (outs, programs), _ = distrifx.simulate(rank, 2)
+        assert programs == 2
+        assert torch.allclose(outs[1], unet(*large, **kw_large).sample, atol=ATOL)

@@ -1,0 +1,54 @@
+"""Rank functions for the multi-process tests (module level so spawned processes can import them)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+import distrifx
+from distrifx.models import tiny_unet, unet_inputs
+
+
+def sync_vs_eager(name: str, batch: int, height: int, width: int) -> float:
+    """Max abs difference between this rank's sync-mode output and the unmodified model's."""
+    world = dist.get_world_size()
+    unet = tiny_unet(name)
+    args, kwargs = unet_inputs(unet, batch, height, width)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+        got = distrifx.parallelize(unet, world, mode="sync")(*args, **kwargs).sample
+    return float((got - expected).abs().max())
+
+
+def silent_peer(timeout_s: float) -> str:
+    """Rank 1 stops calling the model; rank 0 must fail within the timeout, not hang."""
+    unet = tiny_unet("sd15")
+    args, kwargs = unet_inputs(unet)
+    pmodel = distrifx.parallelize(unet, dist.get_world_size(), mode="sync", timeout_s=timeout_s)
+    pmodel.program(*args, **kwargs)
+    if dist.get_rank() == 1:
+        time.sleep(timeout_s * 3)
+        return "slept"
+    start = time.monotonic()
+    try:
+        pmodel(*args, **kwargs)
+    except distrifx.CollectiveTimeoutError:
+        return f"timed out after {time.monotonic() - start:.1f}s"
+    return "no error"
+
+
+def dies() -> None:
+    if dist.get_rank() == 1:
+        os._exit(3)
+    time.sleep(60)
+
+
+def world_size_mismatch() -> str:
+    try:
+        distrifx.parallelize(tiny_unet("sd15"), dist.get_world_size() + 1)
+    except distrifx.ProcessGroupError as exc:
+        return str(exc)
+    return "no error"
