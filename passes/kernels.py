@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_stats", "combine_group_stats", "group_norm_apply", "splice_own", "halo_split"]
+__all__ = [
+    "group_stats",
+    "combine_group_stats",
+    "corrected_group_stats",
+    "group_norm_apply",
+    "splice_own",
+    "halo_split",
+]
 
 
 def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -27,6 +34,27 @@ def combine_group_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     means = stats[..., 0]
     mean = means.mean(0)
     return mean, stats[..., 1].mean(0) + (means - mean).square().mean(0)
+
+
+def _moments(stats: torch.Tensor) -> torch.Tensor:
+    """[mean, var] -> [E[x], E[x^2]] along the last dim."""
+    return torch.stack([stats[..., 0], stats[..., 1] + stats[..., 0].square()], -1)
+
+
+def corrected_group_stats(
+    stale: torch.Tensor, fresh: torch.Tensor, rank: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DistriFusion's corrected asynchronous GroupNorm statistics.
+
+    With B_k the previous step's [E[x], E[x^2]] of rank k (from ``stale``, (N, B, G, 2) as
+    [mean, var]) and s this step's local ones (``fresh``, (1, B, G, 2)):
+    full = sum_k B_k / N + (s - B_rank); var = full_2 - full_1^2, falling back to the local
+    variance where that is negative. No Bessel factor: GroupNorm's variance is biased.
+    """
+    full = _moments(stale).mean(0) + _moments(fresh)[0] - _moments(stale.narrow(0, rank, 1))[0]
+    mean = full[..., 0]
+    var = full[..., 1] - mean.square()
+    return mean, torch.where(var < 0, fresh[0, ..., 1], var)
 
 
 def group_norm_apply(

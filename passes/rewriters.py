@@ -87,15 +87,10 @@ def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs
     batch = global_shape(node)[0]
     nbytes = batch * groups * 2 * 4 * (b.ctx.world_size - 1)
     now, stale = b.exchange(f"gn_{node.name}", "gn", ops.all_gather_start, (stats, 0), nbytes)
-    if now is not None:
-        all_stats = now
-    elif stale is not None and b.ctx.gn_variant is GNVariant.STALE:
-        all_stats = stale
-    elif stale is not None:  # corrected: the others' stale stats, this rank's fresh ones
-        all_stats = b.trace(kernels.splice_own, stale, stats, 0, b.ctx.rank, 1, b.ctx.world_size)
-    else:
-        all_stats = stats
-    mean, var = b.trace(kernels.combine_group_stats, all_stats)
+    if stale is not None and b.ctx.gn_variant is GNVariant.CORRECTED:
+        mean, var = b.trace(kernels.corrected_group_stats, stale, stats, b.ctx.rank)
+    else:  # fresh global (sync), previous step's global (stale), or local only (separate)
+        mean, var = b.trace(kernels.combine_group_stats, next(s for s in (now, stale, stats) if s is not None))
     ndim = len(global_shape(node))
     return b.trace(kernels.group_norm_apply, x, mean, var, groups, weight, bias, eps, ndim)
 

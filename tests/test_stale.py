@@ -1,0 +1,87 @@
+"""Stale (displaced patch) mode against an independent reference, warm-up, naive mode, quality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import distrifx
+from distrifx.models import tiny_unet, unet_inputs
+from tests.stale_reference import StaleReference
+
+TIMESTEPS = [900, 800, 700, 600, 500, 400]
+
+
+def _inputs(unet, steps, height=16, width=16):
+    """A different latent per step, like a denoising loop, with fixed conditioning."""
+    (sample, _), kwargs = unet_inputs(unet, 1, height, width)
+    g = torch.Generator().manual_seed(1)
+    samples = [sample + 0.05 * i * torch.randn(sample.shape, generator=g) for i in range(steps)]
+    return samples, kwargs
+
+
+def _run(unet, world_size, samples, kwargs, **options):
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, world_size, process_group=group, **options)
+        outs = []
+        for sample, t in zip(samples, TIMESTEPS):
+            outs.append((pmodel(sample, torch.tensor(t), **kwargs).sample, pmodel.last_phase))
+        return outs
+
+    return distrifx.simulate(rank, world_size)
+
+
+@pytest.mark.parametrize("name,world_size", [("sd15", 2), ("sd15", 4), ("sd2", 2)])
+def test_stale_equals_independent_reference(name, world_size):
+    unet = tiny_unet(name)
+    samples, kwargs = _inputs(unet, len(TIMESTEPS))
+    reference = StaleReference(unet, world_size, warmup_steps=2)
+    expected = [reference(s, torch.tensor(t), **kwargs) for s, t in zip(samples, TIMESTEPS)]
+    ranks = _run(unet, world_size, samples, kwargs, mode="stale", warmup_steps=2)
+    phases = [phase for _, phase in ranks[0]]
+    assert phases == ["warmup", "warmup", "stale", "stale", "stale", "stale"]
+    for outs in ranks:
+        for step, ((out, _), ref) in enumerate(zip(outs, expected)):
+            assert float((out - ref).abs().max()) < 2e-5, f"step {step}"
+    # stale really differs from exact after warm-up (the test would catch a silent sync fallback)
+    with torch.no_grad():
+        exact = unet(samples[-1], torch.tensor(TIMESTEPS[-1]), **kwargs).sample
+    assert float((ranks[0][-1][0] - exact).abs().max()) > 1e-3
+
+
+def test_warmup_covering_every_step_equals_sync():
+    unet = tiny_unet("sdxl")
+    samples, kwargs = _inputs(unet, 3)
+    stale = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=3)
+    sync = _run(unet, 2, samples, kwargs, mode="sync")
+    for (a, phase), (b, _) in zip(stale[0], sync[0]):
+        assert phase == "warmup"
+        assert torch.equal(a, b)
+
+
+def test_new_generation_restarts_warmup_and_reset_is_explicit():
+    unet = tiny_unet("sd15")
+    samples, kwargs = _inputs(unet, 1)
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, process_group=group)
+        phases = []
+        for t in (900, 800, 700, 900, 800):  # the timestep goes back up: a new image
+            pmodel(samples[0], torch.tensor(t), **kwargs)
+            phases.append(pmodel.last_phase)
+        pmodel.reset()
+        pmodel(samples[0], torch.tensor(700), **kwargs)
+        return phases + [pmodel.last_phase]
+
+    phases, _ = distrifx.simulate(rank, 2)
+    assert phases == ["warmup", "stale", "stale", "warmup", "stale", "warmup"]
+
+
+@pytest.mark.parametrize("variant", ["sync", "stale", "separate"])
+def test_group_norm_variants_run_and_differ_from_corrected(variant):
+    unet = tiny_unet("sd15")
+    samples, kwargs = _inputs(unet, 3)
+    corrected = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=1)[0][-1][0]
+    other = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=1, gn_variant=variant)[0][-1][0]
+    assert torch.isfinite(other).all()
+    assert not torch.equal(corrected, other)
