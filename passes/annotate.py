@@ -32,7 +32,7 @@ def _replicated_like(val: object) -> PlacementTree:
 
 
 def _decide(node: Node, ctx: RuleContext) -> Decision:
-    if node.op in ("placeholder", "get_attr"):
+    if node.op in ("placeholder", "get_attr") or ctx.world_size == 1:  # one rank: nothing to shard
         return Decision(output=_replicated_like(node.meta.get("val")))
     rule = lookup(node.target)
     if rule is not None:

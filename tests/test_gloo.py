@@ -17,6 +17,12 @@ def test_sync_equals_eager_on_every_gloo_rank(world_size, name, batch, height, w
     assert max(errors) < 1e-5
 
 
+def test_cfg_parallel_sync_equals_eager_on_every_gloo_rank():
+    errors = distrifx.launch(workers.sync_vs_eager, 4, "sdxl", 2, 16, 16, True,
+                             threads_per_rank=1, timeout_s=240, all_ranks=True)
+    assert max(errors) < 1e-5
+
+
 def test_silent_peer_makes_the_other_rank_fail_within_the_timeout():
     results = distrifx.launch(workers.silent_peer, 2, 5.0, threads_per_rank=1, timeout_s=120, all_ranks=True)
     assert results[1] == "slept"

@@ -12,14 +12,15 @@ import distrifx
 from distrifx.models import tiny_unet, unet_inputs
 
 
-def sync_vs_eager(name: str, batch: int, height: int, width: int) -> float:
+def sync_vs_eager(name: str, batch: int, height: int, width: int, cfg_parallel: bool | str = False) -> float:
     """Max abs difference between this rank's sync-mode output and the unmodified model's."""
     world = dist.get_world_size()
     unet = tiny_unet(name)
     args, kwargs = unet_inputs(unet, batch, height, width)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
-        got = distrifx.parallelize(unet, world, mode="sync")(*args, **kwargs).sample
+        pmodel = distrifx.parallelize(unet, world, mode="sync", cfg_parallel=cfg_parallel)
+        got = pmodel(*args, **kwargs).sample
     return float((got - expected).abs().max())
 
 

@@ -102,6 +102,13 @@ class Communicator(ABC):
         return Work(self.stats, assemble)
 
     @abstractmethod
+    def split(self, groups: list[list[int]]) -> Communicator:
+        """The communicator of the group (of ``groups``, a partition of the ranks) this rank is in.
+
+        Every rank must call it with the same ``groups``.
+        """
+
+    @abstractmethod
     def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
         """Start the gather; return the function that waits and returns the result."""
 
@@ -120,6 +127,16 @@ class ProcessGroupCommunicator(Communicator):
         self.group = group
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(self.world_size)]
         self._tag = 0
+
+    def split(self, groups: list[list[int]]) -> Communicator:
+        mine = None
+        for ranks in groups:  # new_group is collective: every rank creates every group, in order
+            group = dist.new_group([self._global_ranks[r] for r in ranks])
+            if self.rank in ranks:
+                mine = ProcessGroupCommunicator(group, self.timeout_s)
+        if mine is None:
+            raise DistrifxError(f"rank {self.rank} is in none of the groups {groups}")
+        return mine
 
     def _wait(self, works: list[dist.Work], what: str) -> None:
         for work in works:
@@ -171,15 +188,26 @@ class SimulatedWorld:
         self._mail: dict[tuple, torch.Tensor] = {}
         self._reads: dict[tuple, int] = {}
         self._error: BaseException | None = None
+        self._subworlds: dict[tuple[int, ...], SimulatedWorld] = {}
 
     def group(self, rank: int) -> SimulatedGroup:
         return SimulatedGroup(self, rank)
 
+    def subworld(self, ranks: tuple[int, ...]) -> SimulatedWorld:
+        """The world of the sub-group ``ranks`` (created once, shared by its members)."""
+        with self._cond:
+            if ranks not in self._subworlds:
+                self._subworlds[ranks] = SimulatedWorld(len(ranks), self.timeout_s)
+            return self._subworlds[ranks]
+
     def abort(self, error: BaseException) -> None:
-        """Fail every pending and future wait; the first error is kept as the cause."""
+        """Fail every pending and future wait, here and in sub-groups; keep the first error."""
         with self._cond:
             self._error = self._error or error
             self._cond.notify_all()
+            subworlds = list(self._subworlds.values())
+        for world in subworlds:
+            world.abort(error)
 
     @property
     def first_error(self) -> BaseException | None:
@@ -214,6 +242,12 @@ class SimulatedGroup(Communicator):
         super().__init__(rank, world.world_size, world.timeout_s)
         self.world = world
         self._seq = 0
+
+    def split(self, groups: list[list[int]]) -> Communicator:
+        (ranks,) = [g for g in groups if self.rank in g]
+        sub = SimulatedGroup(self.world.subworld(tuple(ranks)), ranks.index(self.rank))
+        sub.timeout_s = self.timeout_s
+        return sub
 
     def _next(self) -> int:
         self._seq += 1

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from collections.abc import Hashable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -13,6 +15,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from distrifx.capture import capture, signature_key
 from distrifx.config import Mode, ParallelConfig
 from distrifx.passes import Phase
+from distrifx.runtime.cfg import CfgSplit, batch_size, wants_split
 from distrifx.runtime.comm import CommStats, Communicator
 from distrifx.runtime.program import RankProgram, build_program
 from distrifx.runtime.steps import StepTracker
@@ -25,6 +28,18 @@ PIPELINE_ATTRIBUTES = frozenset({
     "config", "dtype", "device", "add_embedding", "encoder_hid_proj", "cache_context",
     "time_embedding", "time_proj", "dtype", "_hf_hook",
 })
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call as this rank runs it."""
+
+    comm: Communicator  # the ranks sharing this rank's inputs, one row patch each
+    cfg: CfgSplit | None
+    flat: list[Any]
+    args: tuple
+    kwargs: dict
+    batch: int | None
 
 
 class ParallelModule(nn.Module):
@@ -43,6 +58,7 @@ class ParallelModule(nn.Module):
         self.steps = StepTracker()
         self._programs: dict[Hashable, RankProgram] = {}
         self._state: dict[str, torch.Tensor] = {}
+        self._cfg: CfgSplit | None = None
         self._timestep_param = "timestep" if "timestep" in inspect.signature(model.forward).parameters else None
         self.last_phase: str | None = None
         self.last_stats = CommStats()
@@ -63,15 +79,33 @@ class ParallelModule(nn.Module):
         self.steps.reset()
         self._state.clear()
 
+    def _cfg_split(self) -> CfgSplit:
+        if self._cfg is None:
+            self._cfg = CfgSplit.create(self.comm)
+        return self._cfg
+
+    def _localize(self, args: tuple, kwargs: dict) -> _Call:
+        """This rank's share of a call: the batch half under CFG parallelism, else everything."""
+        flat, spec = tree_flatten((args, kwargs))
+        batch = batch_size(flat)
+        if not wants_split(self.parallel_config.cfg_parallel, self.comm.world_size, batch):
+            return _Call(self.comm, None, flat, args, kwargs, batch)
+        cfg = self._cfg_split()
+        flat = cfg.local_inputs(flat, batch)
+        local_args, local_kwargs = tree_unflatten(flat, spec)
+        return _Call(cfg.patch, cfg, flat, local_args, local_kwargs, batch)
+
+    def _program(self, call: _Call) -> tuple[Hashable, RankProgram]:
+        key = signature_key(call.args, call.kwargs)
+        if key not in self._programs:
+            captured = capture(self.module, call.args, call.kwargs)
+            config = dataclasses.replace(self.parallel_config, world_size=call.comm.world_size, cfg_parallel=False)
+            self._programs[key] = build_program(captured, config, call.comm.rank, type(self.module).__name__)
+        return key, self._programs[key]
+
     def program(self, *args: Any, **kwargs: Any) -> RankProgram:
         """This rank's program for these inputs (captured and built on first use)."""
-        key = signature_key(args, kwargs)
-        if key not in self._programs:
-            captured = capture(self.module, args, kwargs)
-            self._programs[key] = build_program(
-                captured, self.parallel_config, self.comm.rank, type(self.module).__name__
-            )
-        return self._programs[key]
+        return self._program(self._localize(args, kwargs))[1]
 
     def _timestep(self, args: tuple, kwargs: dict) -> object:
         if self._timestep_param is None:
@@ -94,14 +128,22 @@ class ParallelModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        program = self.program(*args, **kwargs)
-        new_generation = self.steps.advance(self._timestep(args, kwargs), signature_key(args, kwargs))
+        call = self._localize(args, kwargs)
+        key, program = self._program(call)
+        new_generation = self.steps.advance(self._timestep(args, kwargs), key)
         if new_generation:
             self._state.clear()
         phase = self._phase(new_generation)
-        self.comm.stats.reset()
-        flat, _ = tree_flatten((args, kwargs))
-        outputs, self._state = program.run(phase, self.comm, flat, self._state)
+        comms = [call.comm] + ([call.cfg.pair] if call.cfg is not None else [])
+        for comm in comms:
+            comm.stats.reset()
+        outputs, self._state = program.run(phase, call.comm, call.flat, self._state)
+        if call.cfg is not None:
+            outputs = call.cfg.full_outputs(outputs, call.batch)
         self.last_phase = phase
-        self.last_stats = CommStats(**vars(self.comm.stats))
+        self.last_stats = CommStats(
+            bytes_sent=sum(c.stats.bytes_sent for c in comms),
+            collectives=sum(c.stats.collectives for c in comms),
+            wait_s=sum(c.stats.wait_s for c in comms),
+        )
         return tree_unflatten(outputs, program.out_spec)
