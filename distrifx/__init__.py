@@ -4,7 +4,7 @@
     >>> pipe.unet = distrifx.parallelize(pipe.unet, world_size=8)
 """
 
-from distrifx.api import parallelize
+from distrifx.api import parallelize, parallelize_pipeline
 from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
 from distrifx.launch import launch
 from distrifx.errors import (
@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "parallelize",
+    "parallelize_pipeline",
     "simulate",
     "launch",
     "explain",

@@ -5,14 +5,16 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch.distributed as dist
+import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
 from distrifx.errors import ConfigError, ProcessGroupError
 from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator, SimulatedGroup
 from distrifx.runtime.module import ParallelModule
 
-__all__ = ["parallelize"]
+__all__ = ["parallelize", "parallelize_pipeline"]
 
 
 def _communicator(process_group: Any, config: ParallelConfig) -> Communicator:
@@ -73,3 +75,41 @@ def parallelize(
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")
     return ParallelModule(model.eval(), config, _communicator(process_group, config))
+
+
+def _denoiser_name(pipe: Any) -> str:
+    for name in ("unet", "transformer"):
+        if isinstance(getattr(pipe, name, None), nn.Module):
+            return name
+    raise ConfigError(
+        f"{type(pipe).__name__} has neither a `unet` nor a `transformer` module to parallelize; "
+        "call distrifx.parallelize on its denoiser yourself."
+    )
+
+
+def parallelize_pipeline(pipe: Any, world_size: int, **options: Any) -> Any:
+    """Parallelize a diffusers pipeline's denoiser in place and make every rank start alike.
+
+    ``pipe.unet`` (or ``pipe.transformer``) becomes a :class:`ParallelModule`; the pipeline's
+    ``prepare_latents`` is wrapped so every rank uses rank 0's initial latents, whatever its
+    generator. Returns ``pipe``. ``options`` are those of :func:`parallelize`.
+
+    Example:
+        >>> pipe = distrifx.parallelize_pipeline(pipe, world_size=2)       # doctest: +SKIP
+        >>> image = pipe("a red circle", num_inference_steps=20).images[0]
+    """
+    name = _denoiser_name(pipe)
+    pmodel = parallelize(getattr(pipe, name), world_size, **options)
+    setattr(pipe, name, pmodel)
+    prepare_latents = pipe.prepare_latents
+
+    def shared_prepare_latents(*args: Any, **kwargs: Any) -> Any:
+        latents = prepare_latents(*args, **kwargs)
+        return tree_map(lambda x: _from_rank0(pmodel.comm, x) if isinstance(x, torch.Tensor) else x, latents)
+
+    pipe.prepare_latents = shared_prepare_latents
+    return pipe
+
+
+def _from_rank0(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
+    return comm.all_gather(x.unsqueeze(0), 0).wait()[0]

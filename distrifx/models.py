@@ -7,11 +7,15 @@ flavour, embeddings) at a few channels.
 
 from __future__ import annotations
 
+import json
+import string
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["UNET_CONFIGS", "tiny_unet", "unet_inputs"]
+__all__ = ["UNET_CONFIGS", "tiny_unet", "unet_inputs", "tiny_pipeline"]
 
 _COMMON: dict[str, Any] = dict(
     sample_size=16,
@@ -82,3 +86,69 @@ def unet_inputs(
             "time_ids": torch.randn(batch, 6, generator=g).abs() * 64,
         }
     return (sample, torch.tensor(500)), kwargs
+
+
+def _tiny_tokenizer(directory: Path) -> Any:
+    """A character-level CLIP tokenizer written to ``directory`` (vocab.json + merges.txt)."""
+    from transformers import CLIPTokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase + string.digits + ".,!?-'":
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+
+
+def _tiny_text_encoder(hidden: int, seed: int, projection: bool = False) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_vae(seed: int) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+    ).eval()
+
+
+def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
+    """A whole text-to-image pipeline of the ``sd15`` or ``sdxl`` layout, tiny, random weights.
+
+    ``scheduler`` is "ddim", "euler" or "dpm". The tokenizer files live in a temporary directory
+    until the pipeline is saved with ``save_pretrained``.
+    """
+    import diffusers
+
+    schedulers = {
+        "ddim": diffusers.DDIMScheduler,
+        "euler": diffusers.EulerDiscreteScheduler,
+        "dpm": diffusers.DPMSolverMultistepScheduler,
+    }
+    sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                  beta_start=0.00085, beta_end=0.012)
+    tmp = Path(tempfile.mkdtemp(prefix="distrifx-tokenizer-"))
+    if kind == "sd15":
+        return diffusers.StableDiffusionPipeline(
+            vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(32, seed), tokenizer=_tiny_tokenizer(tmp),
+            unet=tiny_unet("sd15", seed), scheduler=sched, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+    if kind == "sdxl":
+        return diffusers.StableDiffusionXLPipeline(
+            vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(16, seed), tokenizer=_tiny_tokenizer(tmp / "1"),
+            text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True), tokenizer_2=_tiny_tokenizer(tmp / "2"),
+            unet=tiny_unet("sdxl", seed, projection_class_embeddings_input_dim=16 + 6 * 8), scheduler=sched,
+        )
+    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15' or 'sdxl'")

@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from distrifx.capture import capture, signature_key
 from distrifx.config import Mode, ParallelConfig
+from distrifx.errors import DistrifxError
 from distrifx.passes import Phase
 from distrifx.runtime.cfg import CfgSplit, batch_size, wants_split
 from distrifx.runtime.comm import CommStats, Communicator
@@ -28,6 +29,13 @@ PIPELINE_ATTRIBUTES = frozenset({
     "config", "dtype", "device", "add_embedding", "encoder_hid_proj", "cache_context",
     "time_embedding", "time_proj", "dtype", "_hf_hook",
 })
+
+
+def _leaf_paths(params: list[str], args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
+    """``("encoder_hidden_states", leaf)``-style names for every input leaf."""
+    named = {**dict(zip(params, args)), **kwargs}
+    leaves, _ = tree_flatten_with_path(named)
+    return [(keystr(path)[2:].replace("']", "", 1), leaf) for path, leaf in leaves]
 
 
 @dataclass(frozen=True)
@@ -126,8 +134,28 @@ class ParallelModule(nn.Module):
             return Phase.WARMUP
         return Phase.STALE
 
+    def _check_same_inputs(self, args: tuple, kwargs: dict) -> None:
+        """Fail loudly if ranks were given different inputs (a different seed on one rank)."""
+        leaves, _ = tree_flatten((args, kwargs))
+        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        if self.comm.world_size == 1 or not tensors:
+            return
+        mine = torch.stack([torch.stack([x.double().sum(), x.double().abs().sum()]) for x in tensors])
+        everyone = self.comm.all_gather(mine.unsqueeze(0), 0).wait()
+        differs = (everyone != everyone[0]).flatten(2).any(-1).any(0)
+        if differs.any():
+            params = list(inspect.signature(self.module.forward).parameters)
+            names = [path for path, leaf in _leaf_paths(params, args, kwargs) if isinstance(leaf, torch.Tensor)]
+            bad = [names[i] for i in differs.nonzero().flatten().tolist()]
+            raise DistrifxError(
+                f"rank {self.comm.rank}: the ranks were called with different values of {bad}. Every "
+                "rank must run the same generation: seed every rank's generator identically (or use "
+                "distrifx.parallelize_pipeline, which shares rank 0's initial latents)."
+            )
+
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        self._check_same_inputs(args, kwargs)
         call = self._localize(args, kwargs)
         key, program = self._program(call)
         new_generation = self.steps.advance(self._timestep(args, kwargs), key)

@@ -1,0 +1,110 @@
+"""Unmodified diffusers pipelines with a parallelized UNet, loaded back from disk."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import distrifx
+from distrifx.models import tiny_pipeline
+
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """Tiny SD 1.5- and SDXL-layout pipelines written with save_pretrained, per scheduler."""
+    root = tmp_path_factory.mktemp("pipes")
+    paths = {}
+    for kind, scheduler in (("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sdxl", "ddim")):
+        path = root / f"{kind}-{scheduler}"
+        tiny_pipeline(kind, scheduler=scheduler).save_pretrained(path)
+        paths[(kind, scheduler)] = path
+    return paths
+
+
+def _load(path, img2img=False):
+    import diffusers
+
+    pipe = (diffusers.AutoPipelineForImage2Image if img2img else diffusers.AutoPipelineForText2Image).from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, seed=0, **kwargs):
+    args = dict(prompt=PROMPT, height=32, width=32, num_inference_steps=5, output_type="latent",
+                generator=torch.Generator().manual_seed(seed))
+    return pipe(**{**args, **kwargs}).images
+
+
+def _parallel(path, world_size, call, img2img=False, **options):
+    pipes = [_load(path, img2img) for _ in range(world_size)]  # built before the threads: global RNG
+
+    def rank(group):
+        pipe = distrifx.parallelize_pipeline(pipes[group.rank], world_size, process_group=group, **options)
+        return call(pipe)
+
+    return distrifx.simulate(rank, world_size)
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("kind,scheduler", [("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sdxl", "ddim")])
+@pytest.mark.parametrize("world_size,cfg", [(2, False), (4, False), (4, True)])
+def test_sync_pipeline_equals_single_device(saved, kind, scheduler, world_size, cfg):
+    path = saved[(kind, scheduler)]
+    expected = _generate(_load(path))
+    outs = _parallel(path, world_size, _generate, mode="sync", cfg_parallel=cfg)
+    for out in outs:
+        assert out.shape == expected.shape
+        assert _rel_err(out, expected) < 1e-4
+
+
+def test_guidance_off_and_pil_output(saved):
+    path = saved[("sd15", "ddim")]
+    expected = np.asarray(_generate(_load(path), guidance_scale=1.0, output_type="pil")[0], dtype=np.int16)
+    outs = _parallel(path, 2, lambda p: _generate(p, guidance_scale=1.0, output_type="pil"), mode="sync")
+    for images in outs:
+        assert images[0].size == (32, 32)
+        assert np.abs(np.asarray(images[0], dtype=np.int16) - expected).max() <= 1
+
+
+def test_img2img(saved):
+    path = saved[("sd15", "ddim")]
+    image = torch.rand(1, 3, 32, 32)
+    call = lambda p: _generate(p, image=image, strength=0.8, num_inference_steps=6)  # noqa: E731
+    expected = call(_load(path, img2img=True))
+    for out in _parallel(path, 2, call, img2img=True, mode="sync"):
+        assert _rel_err(out, expected) < 1e-4
+
+
+def test_stale_pipeline_is_close_and_naive_is_not_closer(saved):
+    path = saved[("sd15", "ddim")]
+    call = lambda p: _generate(p, num_inference_steps=10)  # noqa: E731
+    expected = call(_load(path))
+    stale = _parallel(path, 2, call, mode="stale", warmup_steps=2, cfg_parallel=False)[0]
+    naive = _parallel(path, 2, call, mode="naive", cfg_parallel=False)[0]
+    assert _rel_err(stale, expected) < _rel_err(naive, expected)
+    assert _rel_err(stale, expected) < 0.2
+
+
+def test_ranks_with_different_seeds_still_agree(saved):
+    path = saved[("sd15", "ddim")]
+    outs = _parallel(path, 2, lambda p: _generate(p, seed=torch.initial_seed() + id(p) % 1000), mode="sync")
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_plain_parallelize_refuses_ranks_with_different_inputs(saved):
+    path = saved[("sd15", "ddim")]
+    pipes = [_load(path) for _ in range(2)]
+
+    def rank(group):
+        pipe = pipes[group.rank]
+        pipe.unet = distrifx.parallelize(pipe.unet, 2, process_group=group)
+        return _generate(pipe, seed=group.rank)
+
+    with pytest.raises(distrifx.DistrifxError, match="different values of \\['sample'\\]"):
+        distrifx.simulate(rank, 2)
