@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNET_CONFIGS", "tiny_unet", "unet_inputs", "tiny_pipeline"]
+__all__ = ["UNET_CONFIGS", "random_unet", "unet_inputs", "tiny_pipeline"]
 
 _COMMON: dict[str, Any] = dict(
     sample_size=16,
@@ -61,9 +61,41 @@ UNET_CONFIGS: dict[str, dict[str, Any]] = {
     ),
 }
 
+# Real layouts at real (or half) width, random weights: for benchmarks, not for tests.
+UNET_CONFIGS["sd15-half"] = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    block_out_channels=(160, 320, 640, 640),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    cross_attention_dim=768,
+    attention_head_dim=8,
+)
+UNET_CONFIGS["sd15-full"] = dict(UNET_CONFIGS["sd15-half"], block_out_channels=(320, 640, 1280, 1280))
+UNET_CONFIGS["sdxl-full"] = dict(
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=2,
+    norm_num_groups=32,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=2048,
+    attention_head_dim=(5, 10, 20),
+    transformer_layers_per_block=(1, 2, 10),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
 
-def tiny_unet(name: str = "sd15", seed: int = 0, **overrides: Any) -> torch.nn.Module:
-    """A ``UNet2DConditionModel`` with the layout of ``name`` and random weights, in eval mode."""
+
+def random_unet(name: str = "sd15", seed: int = 0, **overrides: Any) -> torch.nn.Module:
+    """A ``UNet2DConditionModel`` of config ``name`` (see :data:`UNET_CONFIGS`), random weights, eval mode."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
@@ -142,13 +174,13 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
     if kind == "sd15":
         return diffusers.StableDiffusionPipeline(
             vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(32, seed), tokenizer=_tiny_tokenizer(tmp),
-            unet=tiny_unet("sd15", seed), scheduler=sched, safety_checker=None, feature_extractor=None,
+            unet=random_unet("sd15", seed), scheduler=sched, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
     if kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
             vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(16, seed), tokenizer=_tiny_tokenizer(tmp / "1"),
             text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True), tokenizer_2=_tiny_tokenizer(tmp / "2"),
-            unet=tiny_unet("sdxl", seed, projection_class_embeddings_input_dim=16 + 6 * 8), scheduler=sched,
+            unet=random_unet("sdxl", seed, projection_class_embeddings_input_dim=16 + 6 * 8), scheduler=sched,
         )
     raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15' or 'sdxl'")

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import distrifx
-from distrifx.models import tiny_unet, unet_inputs
+from distrifx.models import random_unet, unet_inputs
 from distrifx.runtime.cfg import wants_split
 
 
 @pytest.mark.parametrize("world_size", [2, 4, 8])
 @pytest.mark.parametrize("batch", [2, 4])
 def test_cfg_parallel_sync_equals_eager(world_size, batch):
-    unet = tiny_unet("sdxl")
+    unet = random_unet("sdxl")
     args, kwargs = unet_inputs(unet, batch, 32, 16)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
@@ -30,7 +30,7 @@ def test_cfg_parallel_sync_equals_eager(world_size, batch):
 
 
 def test_cfg_split_sends_less_than_pure_patch_parallelism():
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     args, kwargs = unet_inputs(unet, 2, 32, 16)
 
     def sent(cfg_parallel):
@@ -52,7 +52,7 @@ def test_split_decision():
 
 
 def test_stale_mode_with_cfg_split_matches_on_every_rank():
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     (sample, _), kwargs = unet_inputs(unet, 2, 16, 16)
 
     def rank(group):

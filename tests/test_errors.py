@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import distrifx
-from distrifx.models import tiny_unet, unet_inputs
+from distrifx.models import random_unet, unet_inputs
 
 
 def _call_simulated(model, world_size, *args, **options):
@@ -19,12 +19,12 @@ def _call_simulated(model, world_size, *args, **options):
 
 def test_no_process_group():
     with pytest.raises(distrifx.ProcessGroupError, match="init_process_group"):
-        distrifx.parallelize(tiny_unet("sd15"), 2)
+        distrifx.parallelize(random_unet("sd15"), 2)
 
 
 def test_world_size_differs_from_simulated_group():
     with pytest.raises(distrifx.ProcessGroupError, match="world_size=4 but the process group has 2 ranks"):
-        distrifx.simulate(lambda g: distrifx.parallelize(tiny_unet("sd15"), 4, process_group=g), 2)
+        distrifx.simulate(lambda g: distrifx.parallelize(random_unet("sd15"), 4, process_group=g), 2)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_world_size_differs_from_simulated_group():
 )
 def test_invalid_options(options, message):
     with pytest.raises(distrifx.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        distrifx.parallelize(tiny_unet("sd15"), 2, **options)
+        distrifx.parallelize(random_unet("sd15"), 2, **options)
 
 
 def test_invalid_options_name_every_problem():
@@ -49,7 +49,7 @@ def test_invalid_options_name_every_problem():
 
 
 def test_height_that_does_not_split_names_the_heights_that_do():
-    unet = tiny_unet("sd15")  # one downsampling: latent rows must be multiples of 2 x 4 ranks
+    unet = random_unet("sd15")  # one downsampling: latent rows must be multiples of 2 x 4 ranks
     args, kwargs = unet_inputs(unet, 1, 20, 16)
     with pytest.raises(distrifx.ShapeError) as info:
         distrifx.explain(unet, args, kwargs, world_size=4)
@@ -99,7 +99,7 @@ def test_a_failing_simulated_rank_releases_the_others():
     def rank(group):
         if group.rank == 1:
             raise ValueError("rank 1 broke")
-        unet = tiny_unet("sd15")
+        unet = random_unet("sd15")
         args, kwargs = unet_inputs(unet)
         return distrifx.parallelize(unet, 2, mode="sync", process_group=group)(*args, **kwargs)
 

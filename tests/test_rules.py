@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import distrifx
-from distrifx.models import tiny_unet, unet_inputs
+from distrifx.models import random_unet, unet_inputs
 from distrifx.passes import Phase, collective_order
 from distrifx.passes.manager import DUMP_ENV
 from distrifx.passes.rules import register
@@ -63,7 +63,7 @@ def test_registering_an_op_twice_is_an_error():
 
 @pytest.fixture(scope="module")
 def sd15_plan():
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     args, kwargs = unet_inputs(unet)
     return unet, distrifx.explain(unet, args, kwargs, world_size=2, mode="stale")
 
@@ -124,7 +124,7 @@ def test_sync_waits_sit_right_before_their_first_consumer(sd15_plan):
 
 
 def test_every_rank_issues_collectives_in_the_same_order():
-    unet = tiny_unet("sdxl")
+    unet = random_unet("sdxl")
     args, kwargs = unet_inputs(unet)
     orders = {
         collective_order(distrifx.explain(unet, args, kwargs, world_size=4, rank=r, mode="stale").graphs[p])
@@ -136,7 +136,7 @@ def test_every_rank_issues_collectives_in_the_same_order():
 
 def test_dump_dir_gets_every_pass_before_and_after(tmp_path, monkeypatch):
     monkeypatch.setenv(DUMP_ENV, str(tmp_path))
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     distrifx.explain(unet, *unet_inputs(unet), world_size=2, mode="sync")
     names = sorted(p.name for p in tmp_path.iterdir())
     for pass_name in ("annotate", "shard", "schedule", "cleanup"):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import distrifx
-from distrifx.models import tiny_unet, unet_inputs
+from distrifx.models import random_unet, unet_inputs
 from tests.stale_reference import StaleReference
 
 TIMESTEPS = [900, 800, 700, 600, 500, 400]
@@ -33,7 +33,7 @@ def _run(unet, world_size, samples, kwargs, **options):
 
 @pytest.mark.parametrize("name,world_size", [("sd15", 2), ("sd15", 4), ("sd2", 2)])
 def test_stale_equals_independent_reference(name, world_size):
-    unet = tiny_unet(name)
+    unet = random_unet(name)
     samples, kwargs = _inputs(unet, len(TIMESTEPS))
     reference = StaleReference(unet, world_size, warmup_steps=2)
     expected = [reference(s, torch.tensor(t), **kwargs) for s, t in zip(samples, TIMESTEPS)]
@@ -50,7 +50,7 @@ def test_stale_equals_independent_reference(name, world_size):
 
 
 def test_warmup_covering_every_step_equals_sync():
-    unet = tiny_unet("sdxl")
+    unet = random_unet("sdxl")
     samples, kwargs = _inputs(unet, 3)
     stale = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=3)
     sync = _run(unet, 2, samples, kwargs, mode="sync")
@@ -60,7 +60,7 @@ def test_warmup_covering_every_step_equals_sync():
 
 
 def test_new_generation_restarts_warmup_and_reset_is_explicit():
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     samples, kwargs = _inputs(unet, 1)
 
     def rank(group):
@@ -79,7 +79,7 @@ def test_new_generation_restarts_warmup_and_reset_is_explicit():
 
 @pytest.mark.parametrize("variant", ["sync", "stale", "separate"])
 def test_group_norm_variants_run_and_differ_from_corrected(variant):
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     samples, kwargs = _inputs(unet, 3)
     corrected = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=1)[0][-1][0]
     other = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=1, gn_variant=variant)[0][-1][0]

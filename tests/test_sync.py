@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import distrifx
-from distrifx.models import tiny_unet, unet_inputs
+from distrifx.models import random_unet, unet_inputs
 from tests.conftest import max_rank_error
 
 ATOL = 1e-5
@@ -25,7 +25,7 @@ def _sync_outputs(unet, world_size, args, kwargs):
 @pytest.mark.parametrize("world_size", [2, 4])
 @pytest.mark.parametrize("batch,height,width", [(1, 16, 16), (2, 32, 16)])
 def test_sync_equals_eager(name, world_size, batch, height, width):
-    unet = tiny_unet(name)
+    unet = random_unet(name)
     args, kwargs = unet_inputs(unet, batch, height, width)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
@@ -36,7 +36,7 @@ def test_sync_equals_eager(name, world_size, batch, height, width):
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_sync_equals_eager_eight_simulated_ranks(name):
-    unet = tiny_unet(name)
+    unet = random_unet(name)
     args, kwargs = unet_inputs(unet, 1, 32, 24)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
@@ -44,7 +44,7 @@ def test_sync_equals_eager_eight_simulated_ranks(name):
 
 
 def test_return_types_follow_the_model():
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     args, kwargs = unet_inputs(unet)
 
     def rank(group):
@@ -60,7 +60,7 @@ def test_return_types_follow_the_model():
 
 
 def test_pipeline_attributes_are_forwarded_and_others_refused():
-    unet = tiny_unet("sdxl")
+    unet = random_unet("sdxl")
     [pmodel] = distrifx.simulate(lambda g: distrifx.parallelize(unet, 1, process_group=g), 1)
     assert pmodel.config is unet.config
     assert pmodel.dtype == unet.dtype and pmodel.device == unet.device
@@ -70,7 +70,7 @@ def test_pipeline_attributes_are_forwarded_and_others_refused():
 
 
 def test_new_input_shape_recaptures():
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     small, kw_small = unet_inputs(unet, 1, 16, 16)
     large, kw_large = unet_inputs(unet, 1, 32, 16)
 

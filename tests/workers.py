@@ -9,13 +9,13 @@ import torch
 import torch.distributed as dist
 
 import distrifx
-from distrifx.models import tiny_unet, unet_inputs
+from distrifx.models import random_unet, unet_inputs
 
 
 def sync_vs_eager(name: str, batch: int, height: int, width: int, cfg_parallel: bool | str = False) -> float:
     """Max abs difference between this rank's sync-mode output and the unmodified model's."""
     world = dist.get_world_size()
-    unet = tiny_unet(name)
+    unet = random_unet(name)
     args, kwargs = unet_inputs(unet, batch, height, width)
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
@@ -26,7 +26,7 @@ def sync_vs_eager(name: str, batch: int, height: int, width: int, cfg_parallel: 
 
 def silent_peer(timeout_s: float) -> str:
     """Rank 1 stops calling the model; rank 0 must fail within the timeout, not hang."""
-    unet = tiny_unet("sd15")
+    unet = random_unet("sd15")
     args, kwargs = unet_inputs(unet)
     pmodel = distrifx.parallelize(unet, dist.get_world_size(), mode="sync", timeout_s=timeout_s)
     pmodel.program(*args, **kwargs)
@@ -49,7 +49,7 @@ def dies() -> None:
 
 def world_size_mismatch() -> str:
     try:
-        distrifx.parallelize(tiny_unet("sd15"), dist.get_world_size() + 1)
+        distrifx.parallelize(random_unet("sd15"), dist.get_world_size() + 1)
     except distrifx.ProcessGroupError as exc:
         return str(exc)
     return "no error"

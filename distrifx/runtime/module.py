@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any
@@ -67,6 +68,7 @@ class ParallelModule(nn.Module):
         self._programs: dict[Hashable, RankProgram] = {}
         self._state: dict[str, torch.Tensor] = {}
         self._cfg: CfgSplit | None = None
+        self.build_seconds = 0.0  # capture + passes, summed over input signatures
         self._timestep_param = "timestep" if "timestep" in inspect.signature(model.forward).parameters else None
         self.last_phase: str | None = None
         self.last_stats = CommStats()
@@ -106,9 +108,11 @@ class ParallelModule(nn.Module):
     def _program(self, call: _Call) -> tuple[Hashable, RankProgram]:
         key = signature_key(call.args, call.kwargs)
         if key not in self._programs:
+            start = time.perf_counter()
             captured = capture(self.module, call.args, call.kwargs)
             config = dataclasses.replace(self.parallel_config, world_size=call.comm.world_size, cfg_parallel=False)
             self._programs[key] = build_program(captured, config, call.comm.rank, type(self.module).__name__)
+            self.build_seconds += time.perf_counter() - start
         return key, self._programs[key]
 
     def program(self, *args: Any, **kwargs: Any) -> RankProgram:

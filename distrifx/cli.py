@@ -1,0 +1,176 @@
+"""The ``distrifx`` command line: generate images across N ranks.
+
+    distrifx generate --prompt "a red circle" --world-size 2 --out image.png
+    torchrun --nproc-per-node 4 -m distrifx generate --model ./my-sd15 --height 1024 --width 1024
+
+Without ``--model`` it runs on the embedded default model (small, shipped in the package).
+Without torchrun, ``--world-size N`` spawns N local ranks itself (gloo on CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["main", "build_parser"]
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--world-size", type=int, default=2, help="number of ranks (row patches); default 2")
+    p.add_argument("--mode", choices=["sync", "stale", "naive"], default="stale",
+                   help="sync: exact; stale: DistriFusion's displaced patches (default); naive: no interaction")
+    p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before stale mode (default 4)")
+    p.add_argument("--gn-variant", choices=["corrected", "sync", "stale", "separate"], default="corrected",
+                   help="GroupNorm statistics after warm-up in stale mode (default corrected)")
+    p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
+                   help="put the two halves of a guidance batch on two rank groups (default auto)")
+    p.add_argument("--threads-per-rank", type=int, default=None,
+                   help="torch threads per spawned rank on CPU (default: cores / world size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distrifx", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate one image across N ranks",
+                         description="Generate an image with a patch-parallel denoiser and save it as PNG.")
+    gen.add_argument("--model", type=Path, default=None,
+                     help="local diffusers pipeline directory (from_pretrained; nothing is downloaded). "
+                          "Default: the embedded default model")
+    gen.add_argument("--prompt", default="a red circle", help="text prompt (default: %(default)r)")
+    gen.add_argument("--negative-prompt", default=None, help="negative prompt (diffusers pipelines)")
+    gen.add_argument("--height", type=int, default=None, help="image height in pixels (default: the model's)")
+    gen.add_argument("--width", type=int, default=None, help="image width in pixels (default: the model's)")
+    gen.add_argument("--steps", type=int, default=20, help="denoising steps (default 20)")
+    gen.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (rank 0's initial latents are shared)")
+    gen.add_argument("--out", type=Path, default=Path("distrifx.png"), help="output PNG (default distrifx.png)")
+    _add_parallel_options(gen)
+
+    bench = sub.add_parser("bench", help="measure speedup, exposed communication, bytes and memory",
+                           description="Run the model unmodified on one rank and patch-parallel on N ranks, "
+                                       "each configuration in fresh processes; write JSON and a markdown table.")
+    bench.add_argument("--model", default="sd15-half",
+                       help="UNet config name from distrifx.models.UNET_CONFIGS (default sd15-half)")
+    bench.add_argument("--latent", type=int, nargs="+", default=[64], help="square latent sizes (default 64)")
+    bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    bench.add_argument("--world-sizes", type=int, nargs="+", default=[2], help="rank counts (default 2)")
+    bench.add_argument("--modes", nargs="+", default=["sync", "stale", "naive"], choices=["sync", "stale", "naive"])
+    bench.add_argument("--steps", type=int, default=8, help="denoising steps per run (default 8)")
+    bench.add_argument("--warmup-steps", type=int, default=4, help="stale-mode warm-up steps (default 4)")
+    bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+    return parser
+
+
+def _load_pipeline(model: Path | None) -> Any:
+    if model is None:
+        from distrifx.default_model import load_default_pipeline
+
+        return load_default_pipeline()
+    from diffusers import DiffusionPipeline
+
+    if not model.is_dir():
+        raise SystemExit(f"distrifx: --model {model} is not a directory (a local diffusers pipeline is needed)")
+    return DiffusionPipeline.from_pretrained(model)
+
+
+def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "prompt": options["prompt"],
+        "num_inference_steps": options["steps"],
+        "generator": torch.Generator().manual_seed(options["seed"]),
+    }
+    for key in ("height", "width", "guidance_scale", "negative_prompt"):
+        if options[key] is not None:
+            kwargs[key] = options[key]
+    return kwargs
+
+
+def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
+    """One rank of ``distrifx generate`` (a process group is initialised). Rank 0 saves the PNG."""
+    import torch.distributed as dist
+
+    import distrifx
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pipe = _load_pipeline(options["model"])
+    cfg = {"auto": "auto", "on": True, "off": False}[options["cfg_parallel"]]
+    if options["world_size"] > 1:
+        pipe = distrifx.parallelize_pipeline(
+            pipe, options["world_size"], mode=options["mode"], warmup_steps=options["warmup_steps"],
+            gn_variant=options["gn_variant"], cfg_parallel=cfg,
+        )
+    pipe.set_progress_bar_config(disable=rank != 0)
+    start = time.perf_counter()
+    image = pipe(**_pipeline_kwargs(options)).images[0]
+    latency = time.perf_counter() - start
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    build = getattr(denoiser, "build_seconds", 0.0)
+    if rank == 0:
+        options["out"].parent.mkdir(parents=True, exist_ok=True)
+        image.save(options["out"])
+    return {"latency_s": latency, "build_s": build, "size": image.size}
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import distrifx
+
+    options = vars(args)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: we are one rank
+        import torch.distributed as dist
+
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+        options["world_size"] = dist.get_world_size()
+        result = generate_rank(options)
+        dist.destroy_process_group()
+        if int(os.environ["RANK"]):
+            return 0
+    elif args.world_size > 1:
+        threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // args.world_size)
+        result = distrifx.launch(generate_rank, args.world_size, options, threads_per_rank=threads, timeout_s=3600)
+    else:
+        result = generate_rank(options)
+    width, height = result["size"]
+    print(f"distrifx: wrote {args.out} ({width}x{height}) with {args.world_size} rank(s), mode={args.mode}: "
+          f"{result['latency_s']:.2f} s, of which {result['build_s']:.2f} s one-time graph capture and build")
+    return 0
+
+
+def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
+    from distrifx.bench import BenchCase, markdown_table, run_cases, write_results
+
+    cases = []
+    for latent in args.latent:
+        common = dict(model=args.model, height=latent, width=latent, batch=args.batch, steps=args.steps,
+                      warmup_steps=args.warmup_steps, threads=args.threads)
+        cases.append(BenchCase(world_size=1, mode="eager", **common))
+        cases += [BenchCase(world_size=n, mode=m, **common) for n in args.world_sizes for m in args.modes]
+    results = run_cases(cases)
+    write_results(results, args.out, "distrifx " + " ".join(argv))
+    print(markdown_table(results))
+    print(f"distrifx: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "generate":
+        return _run_generate(args)
+    if args.command == "bench":
+        return _run_bench(args, argv)
+    raise SystemExit(f"unknown command {args.command}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
