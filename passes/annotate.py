@@ -16,7 +16,7 @@ from distrifx.errors import ShapeError, UnsupportedOpError, where
 from distrifx.passes.manager import PassContext, PassResult
 from distrifx.passes.rules import RuleContext, lookup
 from distrifx.passes.rules.registry import global_shape, sharded_inputs
-from distrifx.passes.spec import META_DECISION, META_PLACEMENT, Decision, PlacementTree, Replicate
+from distrifx.passes.spec import META_DECISION, META_PLACEMENT, Decision, PlacementTree, Replicate, Shard
 
 __all__ = ["annotate", "valid_heights"]
 
@@ -61,14 +61,29 @@ def valid_heights(gm: GraphModule, world_size: int, count: int = 6) -> tuple[int
     return multiple, [multiple * i for i in range(1, count + 1)]
 
 
+def _entry_shard(gm: GraphModule, world_size: int) -> tuple[Node | None, Shard | None]:
+    """The latent is the first tensor input. A (B, C, H, W) latent stays replicated (the first conv
+    slices its window for free); a (B, tokens, C) sequence is split along its tokens on entry."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            return (node, Shard(1)) if val.dim() == 3 and world_size > 1 else (None, None)
+    return None, None
+
+
 def annotate(gm: GraphModule, ctx: PassContext) -> PassResult:
     """Write a placement and a decision on every node of ``gm``."""
     rule_ctx = RuleContext(world_size=ctx.world_size)
+    entry, entry_shard = _entry_shard(gm, ctx.world_size)
     for node in gm.graph.nodes:
         if node.op == "output":
             continue
         try:
-            decision = _decide(node, rule_ctx)
+            if node is entry:
+                rule_ctx.local_extent(node, entry_shard)
+                decision = Decision(output=entry_shard)
+            else:
+                decision = _decide(node, rule_ctx)
         except ShapeError as exc:
             multiple, examples = valid_heights(gm, ctx.world_size)
             raise ShapeError(

@@ -119,26 +119,49 @@ class Builder:
                 node.meta["nn_module_stack"] = origin.meta["nn_module_stack"]
 
     # -- placements --------------------------------------------------------------------------
-    def local_block(self, x: Node, dim: int, local: int) -> Node:
-        """This rank's block of a replicated tensor along ``dim`` (free: a slice)."""
-        start = self.ctx.rank * local
-        return self.call(aten.slice.Tensor, (x, dim, start, start + local))
+    def split_segment(self, new: Node, old: Node, shard: Shard) -> tuple[Node | None, Node, Node | None]:
+        """A rank's ``[head, block, tail]`` value of ``old`` split into its three parts."""
+        if shard.plain:
+            return None, new, None
+        block = shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size)
+        cut = lambda lo, hi: self.call(aten.slice.Tensor, (new, shard.dim, lo, hi))  # noqa: E731
+        end = shard.head + block
+        return (cut(0, shard.head) if shard.head else None, cut(shard.head, end),
+                cut(end, end + shard.tail) if shard.tail else None)
+
+    def join_segment(self, head: Node | None, middle: Node, tail: Node | None, dim: int) -> Node:
+        parts = [p for p in (head, middle, tail) if p is not None]
+        return middle if len(parts) == 1 else self.call(aten.cat.default, (parts, dim))
+
+    def local_block(self, x: Node, old: Node, shard: Shard) -> Node:
+        """This rank's ``[head, block r, tail]`` rows of replicated ``x`` (slices: no communication)."""
+        extent = int(old.meta["val"].shape[shard.dim])
+        block = shard.block(extent, self.ctx.world_size)
+        cut = lambda lo, hi: self.call(aten.slice.Tensor, (x, shard.dim, lo, hi))  # noqa: E731
+        start = shard.head + self.ctx.rank * block
+        return self.join_segment(
+            cut(0, shard.head) if shard.head else None,
+            cut(start, start + block),
+            cut(extent - shard.tail, extent) if shard.tail else None,
+            shard.dim,
+        )
+
+    def gather(self, name: str, kind: str, new: Node, old: Node, shard: Shard) -> Node:
+        """The full value of ``old`` on every rank: the sharded blocks all-gathered (synchronously)."""
+        head, block, tail = self.split_segment(new, old, shard)
+        nbytes = gather_bytes(old.meta["val"], self.ctx.world_size)
+        gathered = self.exchange(name, kind, ops.all_gather_start, (block, shard.dim), nbytes)[0]
+        return self.join_segment(head, gathered, tail, shard.dim)
 
     def redistribute(self, old: Node, new: Node, have: Placement, want: Placement) -> Node:
         """Convert ``new`` (the rank's value of ``old``) from placement ``have`` to ``want``."""
         key = (old, want)
-        if key in self._resharded:
-            return self._resharded[key]
-        value = new
-        if isinstance(have, Shard):
-            nbytes = gather_bytes(old.meta["val"], self.ctx.world_size)
-            value = self.exchange(f"reshard_{old.name}", "reshard", ops.all_gather_start,
-                                  (value, have.dim), nbytes)[0]
-        if isinstance(want, Shard):
-            extent = old.meta["val"].shape[want.dim]
-            value = self.local_block(value, want.dim, int(extent) // self.ctx.world_size)
-        self._resharded[key] = value
-        return value
+        if key not in self._resharded:
+            value = self.gather(f"reshard_{old.name}", "reshard", new, old, have) if isinstance(have, Shard) else new
+            if isinstance(want, Shard):
+                value = self.local_block(value, old, want)
+            self._resharded[key] = value
+        return self._resharded[key]
 
     # -- exchanges ---------------------------------------------------------------------------
     def exchange(

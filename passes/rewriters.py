@@ -17,7 +17,7 @@ from torch.fx import Node
 from distrifx.config import GNVariant
 from distrifx.passes import kernels
 from distrifx.passes.builder import Builder, gather_bytes
-from distrifx.passes.rules.registry import global_shape
+from distrifx.passes.rules.registry import global_shape, placement_of
 from distrifx.passes.spec import GatherKV, GlobalGroupNorm, HaloConv, Rewrite
 from distrifx.runtime import ops
 
@@ -97,16 +97,20 @@ def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs
 
 @rewriter(GatherKV)
 def _gather_kv(b: Builder, node: Node, rw: GatherKV, args: tuple, kwargs: dict) -> Node:
+    """Keys/values: every rank's sharded block (fresh, or stale with this rank's fresh), head/tail local."""
     q, k, v, *rest = args
     gathered = []
     for tag, old, new in (("k", node.args[1], k), ("v", node.args[2], v)):
+        shard = placement_of(old)
+        head, block, tail = b.split_segment(new, old, shard)
         nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
-        now, stale = b.exchange(f"{tag}_{node.name}", "kv", ops.all_gather_start, (new, rw.seq_dim), nbytes)
+        now, stale = b.exchange(f"{tag}_{node.name}", "kv", ops.all_gather_start, (block, rw.seq_dim), nbytes)
         if now is not None:
-            gathered.append(now)
+            middle = now
         elif stale is not None:
-            local = global_shape(old)[rw.seq_dim] // b.ctx.world_size
-            gathered.append(b.trace(kernels.splice_own, stale, new, rw.seq_dim, b.ctx.rank, local, b.ctx.world_size))
+            size = shard.block(global_shape(old)[rw.seq_dim], b.ctx.world_size)
+            middle = b.trace(kernels.splice_own, stale, block, rw.seq_dim, b.ctx.rank, size, b.ctx.world_size)
         else:
-            gathered.append(new)
+            middle = block
+        gathered.append(b.join_segment(head, middle, tail, rw.seq_dim))
     return b.call(node.target, (q, *gathered, *rest), kwargs)

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from torch.fx import GraphModule, Node, map_arg
 
 from distrifx.errors import ShardingError, where
-from distrifx.passes.builder import Builder, ExchangeSite, gather_bytes
+from distrifx.passes.builder import Builder
 from distrifx.passes.manager import PassContext, PassResult
 from distrifx.passes.rewriters import REWRITERS
 from distrifx.passes.rules.registry import placement_of
-from distrifx.passes.spec import META_DECISION, Decision, Replicate, Shard
-from distrifx.runtime import ops
+from distrifx.passes.spec import META_DECISION, Decision, Shard
 
 __all__ = ["shard", "RankSignature", "META_SIGNATURE", "META_SITES"]
 
@@ -53,11 +52,9 @@ def _map_args(b: Builder, node: Node, decision: Decision) -> tuple[tuple, dict]:
 
 def _gather_output(b: Builder, old: Node) -> Node:
     placement = placement_of(old)
-    new = b.env[old]
     if not isinstance(placement, Shard):
-        return new
-    nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
-    return b.exchange(f"output_{old.name}", "output", ops.all_gather_start, (new, placement.dim), nbytes)[0]
+        return b.env[old]
+    return b.gather(f"output_{old.name}", "output", b.env[old], old, placement)
 
 
 def shard(gm: GraphModule, ctx: PassContext) -> PassResult:
@@ -70,6 +67,8 @@ def shard(gm: GraphModule, ctx: PassContext) -> PassResult:
             b.env[node] = b.placeholder(node.name)
             b.env[node].meta["val"] = node.meta.get("val")
             num_inputs += 1
+            if isinstance(shard := placement_of(node), Shard):  # a token input: this rank's rows
+                b.env[node] = b.local_block(b.env[node], node, shard)
         elif node.op == "get_attr":
             b.env[node] = b.graph.get_attr(node.target)
         elif node.op == "call_function":

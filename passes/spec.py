@@ -5,7 +5,9 @@ A *placement* says how a value of the global (single-device) graph is laid out o
 * :class:`Replicate` - every rank holds the whole tensor.
 * :class:`Shard` - the tensor is cut into ``world_size`` equal contiguous blocks along ``dim``;
   rank ``r`` holds block ``r``. Row patches of a (B, C, H, W) latent are ``Shard(2)``; after a view
-  to (B, H*W, C) the same data is the contiguous sequence shard ``Shard(1)``.
+  to (B, H*W, C) the same data is the contiguous sequence shard ``Shard(1)``. A shard may carry
+  replicated rows around its blocks: ``Shard(1, head=77)`` is 77 text tokens (on every rank)
+  followed by the sharded image tokens, as in joint text-image attention.
 """
 
 from __future__ import annotations
@@ -43,12 +45,32 @@ class Replicate:
 
 @dataclass(frozen=True)
 class Shard:
-    """Contiguous equal blocks along tensor ``dim``, block ``r`` on rank ``r``."""
+    """Contiguous equal blocks along tensor ``dim``, block ``r`` on rank ``r``.
+
+    ``head``/``tail`` rows before/after the blocks are replicated: rank r holds
+    ``[head rows, block r, tail rows]``.
+    """
 
     dim: int
+    head: int = 0
+    tail: int = 0
+
+    @property
+    def plain(self) -> bool:
+        return not (self.head or self.tail)
+
+    def block(self, extent: int, world_size: int) -> int:
+        """Rows per rank of the sharded segment of a dim of global ``extent`` (caller checks divisibility)."""
+        return (extent - self.head - self.tail) // world_size
+
+    def moved(self, dim: int) -> Shard:
+        """The same layout on another dim (after a permute, unsqueeze, ...)."""
+        return Shard(dim, self.head, self.tail)
 
     def __str__(self) -> str:
-        return f"S({self.dim})"
+        extra = f",head={self.head}" if self.head else ""
+        extra += f",tail={self.tail}" if self.tail else ""
+        return f"S({self.dim}{extra})"
 
 
 Placement = Union[Replicate, Shard]

@@ -7,13 +7,12 @@ from torch.fx import Node
 
 from distrifx.errors import ShardingError, where
 from distrifx.passes.rules.registry import RuleContext, global_shape, placement_of, register, sharded_inputs
+from distrifx.passes.rules.views import gather_first
 from distrifx.passes.spec import Decision, GatherKV, Placement, Replicate, Shard
 
 aten = torch.ops.aten
 
 
-def _gather_first(node: Node) -> Decision:
-    return Decision(output=Replicate(), inputs={a: Replicate() for a, _ in sharded_inputs(node)})
 
 
 @register(aten.linear.default)
@@ -25,18 +24,18 @@ def _linear(node: Node, ctx: RuleContext) -> Decision:
     if isinstance(placement, Replicate):
         return Decision(output=Replicate())
     if placement.dim == len(global_shape(x)) - 1:
-        return _gather_first(node)
+        return gather_first(node)
     return Decision(output=placement)
 
 
-@register(aten.layer_norm.default)
+@register(aten.layer_norm.default, aten.rms_norm.default)
 def _layer_norm(node: Node, ctx: RuleContext) -> Decision:
     x, normalized = node.args[0], node.args[1]
     placement = placement_of(x)
     if isinstance(placement, Replicate):
         return Decision(output=Replicate())
     if placement.dim >= len(global_shape(x)) - len(normalized):
-        return _gather_first(node)
+        return gather_first(node)
     return Decision(output=placement)
 
 
@@ -47,7 +46,7 @@ def _softmax(node: Node, ctx: RuleContext) -> Decision:
     if isinstance(placement, Replicate):
         return Decision(output=Replicate())
     if dim % len(global_shape(x)) == placement.dim:
-        return _gather_first(node)
+        return gather_first(node)
     return Decision(output=placement)
 
 
@@ -63,10 +62,10 @@ def _reduce(node: Node, ctx: RuleContext) -> Decision:
     dims = list(range(rank)) if dims is None else ([dims] if isinstance(dims, int) else dims)
     dims = {d % rank for d in dims}
     if placement.dim in dims:
-        return _gather_first(node)
+        return gather_first(node)
     keepdim = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
     removed = 0 if keepdim else sum(1 for d in dims if d < placement.dim)
-    return Decision(output=Shard(placement.dim - removed))
+    return Decision(output=placement.moved(placement.dim - removed))
 
 
 @register(aten.scaled_dot_product_attention.default)
@@ -92,7 +91,29 @@ def _sdpa(node: Node, ctx: RuleContext) -> Decision:
         if isinstance(placement_of(mask), Shard):
             raise ShardingError(f"{where(node)}: a sharded attention mask is not supported.")
         if global_shape(mask)[-2] != 1:
-            inputs[mask] = Shard(len(global_shape(mask)) - 2)
-    output = Shard(seq) if isinstance(pq, Shard) else Replicate()
+            inputs[mask] = pq.moved(len(global_shape(mask)) - 2)
+    output = pq
     rewrite = GatherKV(seq_dim=seq) if isinstance(pk, Shard) else None
     return Decision(output=output, inputs=inputs, rewrite=rewrite)
+
+
+@register(aten.einsum.default)
+def _einsum(node: Node, ctx: RuleContext) -> Decision:
+    """The sharded dim's letter keeps its shard if it survives into the output, else gather."""
+    equation, operands = node.args[0], node.args[1]
+    if not sharded_inputs(node):
+        return Decision(output=Replicate())
+    lhs, out = equation.replace(" ", "").split("->")
+    subscripts = lhs.split(",")
+    letters = {subscripts[i][p.dim] for i, t in enumerate(operands) if isinstance(p := placement_of(t), Shard)}
+    shards = {placement_of(t) for t in operands if isinstance(placement_of(t), Shard)}
+    if len(letters) != 1 or len(shards) != 1 or "..." in equation or next(iter(letters)) not in out:
+        return gather_first(node)
+    (letter,), (shard,) = letters, shards
+    inputs: dict[Node, Placement] = {
+        t: shard.moved(subscripts[i].index(letter))
+        for i, t in enumerate(operands)
+        if isinstance(placement_of(t), Replicate) and letter in subscripts[i]
+        and global_shape(t)[subscripts[i].index(letter)] != 1
+    }
+    return Decision(output=shard.moved(out.index(letter)), inputs=inputs)

@@ -40,24 +40,24 @@ def pointwise(node: Node, ctx: RuleContext) -> Decision:
     communication); one that broadcasts along it (size 1 or missing) is used as is.
     """
     out_rank = len(global_shape(node))
-    shards = {p.dim + out_rank - len(global_shape(a)) for a, p in sharded_inputs(node)}
+    shards = {p.moved(p.dim + out_rank - len(global_shape(a))) for a, p in sharded_inputs(node)}
     if not shards:
         return Decision(output=Replicate())
     if len(shards) > 1:
         raise ShardingError(
-            f"{where(node)}: operands are sharded on different output dims {sorted(shards)}; "
+            f"{where(node)}: operands are sharded differently ({', '.join(sorted(map(str, shards)))}); "
             "distrifx keeps one spatial shard per tensor. Add a rule for this op that reshards "
             "explicitly (docs/rules.md)."
         )
-    (out_dim,) = shards
+    (out,) = shards
     inputs: dict[Node, Placement] = {}
     for arg in tensor_args(node):
         if not isinstance(placement_of(arg), Replicate):
             continue
-        arg_dim = out_dim - (out_rank - len(global_shape(arg)))
+        arg_dim = out.dim - (out_rank - len(global_shape(arg)))
         if arg_dim >= 0 and global_shape(arg)[arg_dim] != 1:
-            inputs[arg] = Shard(arg_dim)
-    return Decision(output=Shard(out_dim), inputs=inputs)
+            inputs[arg] = out.moved(arg_dim)
+    return Decision(output=out, inputs=inputs)
 
 
 register(*POINTWISE_OPS)(pointwise)

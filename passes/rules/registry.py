@@ -41,16 +41,23 @@ class RuleContext:
 
     world_size: int
 
-    def local_extent(self, node: Node, dim: int) -> int:
-        """The per-rank extent of ``node`` along ``dim``; a :class:`ShapeError` if it does not split."""
-        extent = global_shape(node)[dim]
-        if extent % self.world_size:
+    def local_extent(self, node: Node, shard: Shard) -> int:
+        """The per-rank extent of ``node`` along ``shard.dim``; a :class:`ShapeError` if it does not split."""
+        extent = global_shape(node)[shard.dim]
+        segment = extent - shard.head - shard.tail
+        if segment % self.world_size or segment <= 0:
             raise ShapeError(
-                f"{where(node)}: dim {dim} has global extent {extent}, which does not split "
-                f"evenly over {self.world_size} ranks. Choose an input height that keeps every "
-                f"sharded dim divisible by {self.world_size} (see the height advice above, if any)."
+                f"{where(node)}: dim {shard.dim} has {segment} sharded rows (global extent {extent}), "
+                f"which do not split evenly over {self.world_size} ranks. Choose an input size that "
+                f"keeps every sharded dim divisible by {self.world_size}."
             )
-        return extent // self.world_size
+        return shard.head + segment // self.world_size + shard.tail
+
+    def localized(self, node: Node, shard: Shard) -> list[int]:
+        """``node``'s global shape with the sharded dim replaced by its per-rank extent."""
+        shape = list(global_shape(node))
+        shape[shard.dim] = self.local_extent(node, shard)
+        return shape
 
 
 RuleFn = Callable[[Node, RuleContext], Decision]

@@ -42,10 +42,10 @@ def _conv2d(node: Node, ctx: RuleContext) -> Decision:
     stride, padding, dilation = (_pair(node.args[i]) if len(node.args) > i else (d, d)
                                  for i, d in ((3, 1), (4, 0), (5, 1)))
     in_h, out_h = global_shape(x)[2], global_shape(node)[2]
-    if isinstance(placement, Shard) and placement.dim != 2:
+    if isinstance(placement, Shard) and (placement.dim != 2 or not placement.plain):
         raise ShardingError(
-            f"{where(node)}: conv input is sharded on dim {placement.dim}; distrifx shards convs "
-            "along the height (dim 2) only."
+            f"{where(node)}: conv input is sharded as {placement}; distrifx shards convs along the "
+            "height (dim 2) only, in plain row blocks."
         )
     if out_h % ctx.world_size:
         raise ShapeError(
@@ -74,10 +74,10 @@ def _group_norm(node: Node, ctx: RuleContext) -> Decision:
     placement = placement_of(x)
     if isinstance(placement, Replicate):
         return Decision(output=Replicate())
-    if placement.dim < 2:
+    if placement.dim < 2 or not placement.plain:
         raise ShardingError(
-            f"{where(node)}: GroupNorm input is sharded on dim {placement.dim} (batch or channels); "
-            "only spatial dims (>= 2) may be sharded."
+            f"{where(node)}: GroupNorm input is sharded as {placement}; only plain blocks of "
+            "spatial dims (>= 2) may be sharded."
         )
     return Decision(output=placement, rewrite=GlobalGroupNorm(num_groups=node.args[1]))
 
@@ -98,11 +98,11 @@ def _upsample_nearest(node: Node, ctx: RuleContext) -> Decision:
         return Decision(output=Replicate())
     x = node.args[0]
     dim = placement_of(x).dim
-    if dim != 2:
-        raise ShardingError(f"{where(node)}: upsampling input sharded on dim {dim}, expected 2.")
+    if placement_of(x) != Shard(2):
+        raise ShardingError(f"{where(node)}: upsampling input sharded as {placement_of(x)}, expected S(2).")
     _nearest_scale(node, dim)
     output_size = node.args[1]
     if output_size is None:  # scale factors only: nothing global in the arguments
         return Decision(output=Shard(dim))
-    local = [ctx.local_extent(node, 2), output_size[1]]
+    local = [ctx.local_extent(node, Shard(2)), output_size[1]]
     return Decision(output=Shard(dim), args=(x, local, *node.args[2:]))
