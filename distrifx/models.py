@@ -15,7 +15,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["UNET_CONFIGS", "random_unet", "unet_inputs", "tiny_pipeline"]
+__all__ = [
+    "UNET_CONFIGS",
+    "TRANSFORMER_CONFIGS",
+    "random_unet",
+    "unet_inputs",
+    "random_transformer",
+    "transformer_inputs",
+    "tiny_pipeline",
+]
 
 _COMMON: dict[str, Any] = dict(
     sample_size=16,
@@ -184,3 +192,65 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             unet=random_unet("sdxl", seed, projection_class_embeddings_input_dim=16 + 6 * 8), scheduler=sched,
         )
     raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15' or 'sdxl'")
+
+
+TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
+    "sd3": dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
+        pos_embed_max_size=32,
+    ),
+    "pixart": dict(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=8, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, cross_attention_dim=32, caption_channels=24, norm_num_groups=8,
+        use_additional_conditions=False,
+    ),
+    "flux": dict(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=16, guidance_embeds=False,
+        axes_dims_rope=(2, 2, 4),
+    ),
+}
+_TRANSFORMER_CLASSES = {"sd3": "SD3Transformer2DModel", "pixart": "PixArtTransformer2DModel",
+                        "flux": "FluxTransformer2DModel"}
+
+
+def random_transformer(name: str, seed: int = 0) -> torch.nn.Module:
+    """A diffusers DiT (``sd3``, ``pixart`` or ``flux`` layout), tiny, random weights, eval mode."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    return getattr(diffusers, _TRANSFORMER_CLASSES[name])(**TRANSFORMER_CONFIGS[name]).eval()
+
+
+def transformer_inputs(
+    model: torch.nn.Module, batch: int = 1, height: int = 16, width: int = 16, seed: int = 0, tokens: int = 7
+) -> tuple[tuple, dict]:
+    """Random ``(args, kwargs)`` for a DiT of :data:`TRANSFORMER_CONFIGS`; ``height``/``width`` in latent rows.
+
+    Flux takes packed 2x2 patches: a (height/2 x width/2) token grid in row order, with its ids.
+    """
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    kind = {v: k for k, v in _TRANSFORMER_CLASSES.items()}[type(model).__name__]
+    t = torch.full((batch,), 500.0 if kind != "flux" else 0.5)
+    if kind == "flux":
+        rows, cols = height // 2, width // 2
+        grid = torch.stack(torch.meshgrid(torch.arange(rows), torch.arange(cols), indexing="ij"), -1).reshape(-1, 2)
+        return (), dict(
+            hidden_states=torch.randn(batch, rows * cols, cfg.in_channels, generator=g),
+            encoder_hidden_states=torch.randn(batch, tokens, cfg.joint_attention_dim, generator=g),
+            pooled_projections=torch.randn(batch, cfg.pooled_projection_dim, generator=g),
+            timestep=t, img_ids=torch.cat([torch.zeros(rows * cols, 1), grid.float()], 1),
+            txt_ids=torch.zeros(tokens, 3),
+        )
+    kwargs: dict[str, Any] = dict(
+        hidden_states=torch.randn(batch, cfg.in_channels, height, width, generator=g), timestep=t,
+    )
+    if kind == "sd3":
+        kwargs["encoder_hidden_states"] = torch.randn(batch, tokens, cfg.joint_attention_dim, generator=g)
+        kwargs["pooled_projections"] = torch.randn(batch, cfg.pooled_projection_dim, generator=g)
+    else:
+        kwargs["encoder_hidden_states"] = torch.randn(batch, tokens, cfg.caption_channels, generator=g)
+        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return (), kwargs

@@ -53,3 +53,14 @@ def world_size_mismatch() -> str:
     except distrifx.ProcessGroupError as exc:
         return str(exc)
     return "no error"
+
+
+def dit_sync_vs_eager(name: str) -> float:
+    from distrifx.models import random_transformer, transformer_inputs
+
+    model = random_transformer(name)
+    _, kwargs = transformer_inputs(model, 1, 16, 24)
+    with torch.no_grad():
+        expected = model(**kwargs).sample
+        got = distrifx.parallelize(model, dist.get_world_size(), mode="sync")(**kwargs).sample
+    return float((got - expected).abs().max())
