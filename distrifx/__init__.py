@@ -7,6 +7,7 @@
 from distrifx.api import parallelize, parallelize_pipeline
 from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
 from distrifx.launch import launch
+from distrifx.vae import parallelize_vae_decoder
 from distrifx.errors import (
     CaptureError,
     CollectiveTimeoutError,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "parallelize",
     "parallelize_pipeline",
+    "parallelize_vae_decoder",
     "simulate",
     "launch",
     "explain",

@@ -87,12 +87,13 @@ def _denoiser_name(pipe: Any) -> str:
     )
 
 
-def parallelize_pipeline(pipe: Any, world_size: int, **options: Any) -> Any:
+def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = False, **options: Any) -> Any:
     """Parallelize a diffusers pipeline's denoiser in place and make every rank start alike.
 
     ``pipe.unet`` (or ``pipe.transformer``) becomes a :class:`ParallelModule`; the pipeline's
     ``prepare_latents`` is wrapped so every rank uses rank 0's initial latents, whatever its
-    generator. Returns ``pipe``. ``options`` are those of :func:`parallelize`.
+    generator. With ``parallel_vae=True`` the VAE decoder is patch-parallel too (sync: exact).
+    Returns ``pipe``. ``options`` are those of :func:`parallelize`.
 
     Example:
         >>> pipe = distrifx.parallelize_pipeline(pipe, world_size=2)       # doctest: +SKIP
@@ -108,6 +109,14 @@ def parallelize_pipeline(pipe: Any, world_size: int, **options: Any) -> Any:
         return tree_map(lambda x: _from_rank0(pmodel.comm, x) if isinstance(x, torch.Tensor) else x, latents)
 
     pipe.prepare_latents = shared_prepare_latents
+    if parallel_vae:
+        from distrifx.vae import parallelize_vae_decoder
+
+        decode = parallelize_vae_decoder(pipe.vae, world_size, process_group=options.get("process_group"),
+                                         timeout_s=options.get("timeout_s", 300.0))
+        # An instance attribute shadows the method; nn.Module.__setattr__ would register a submodule
+        # (a cycle: the decoder holds the VAE) that the method lookup would then shadow.
+        object.__setattr__(pipe.vae, "decode", decode)
     return pipe
 
 

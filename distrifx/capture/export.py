@@ -47,11 +47,15 @@ class CapturedProgram:
 def signature_key(args: tuple, kwargs: dict) -> Hashable:
     """What a captured graph is specialized to: tensor shapes/dtypes/devices, other leaf values."""
     leaves, spec = tree_flatten((args, kwargs))
-    parts = tuple(
-        ("T", tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else ("C", repr(x))
-        for x in leaves
-    )
-    return spec, parts
+    return spec, tuple(_leaf_key(x) for x in leaves)
+
+
+def _leaf_key(x: object) -> Hashable:
+    if isinstance(x, torch.Tensor):
+        return "T", tuple(x.shape), x.dtype, x.device.type
+    if isinstance(x, torch.Generator):  # passed through by pipelines, never read by the graph
+        return "G", x.device.type
+    return "C", repr(x)
 
 
 def _lift_to_attrs(ep: ExportedProgram) -> GraphModule:
