@@ -74,6 +74,8 @@ def parallelize(
         raise ConfigError(f"backend={config.backend.value!r} is not available in this version; use 'eager'.")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(model, ParallelModule):
+        raise ConfigError("this model is already parallelized; pass its .module to parallelize it again")
     return ParallelModule(model.eval(), config, _communicator(process_group, config))
 
 

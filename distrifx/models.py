@@ -153,20 +153,20 @@ def _tiny_text_encoder(hidden: int, seed: int, projection: bool = False) -> Any:
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
-def _tiny_vae(seed: int) -> Any:
+def _tiny_vae(seed: int, **overrides: Any) -> Any:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(
+    return AutoencoderKL(**{**dict(
         block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
-    ).eval()
+    ), **overrides}).eval()
 
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
-    """A whole text-to-image pipeline of the ``sd15`` or ``sdxl`` layout, tiny, random weights.
+    """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights.
 
-    ``scheduler`` is "ddim", "euler" or "dpm". The tokenizer files live in a temporary directory
+    ``scheduler`` is "ddim", "euler" or "dpm" (SD3 always uses its flow-matching scheduler). The tokenizer files live in a temporary directory
     until the pipeline is saved with ``save_pretrained``.
     """
     import diffusers
@@ -176,9 +176,10 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
         "euler": diffusers.EulerDiscreteScheduler,
         "dpm": diffusers.DPMSolverMultistepScheduler,
     }
-    sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                  beta_start=0.00085, beta_end=0.012)
     tmp = Path(tempfile.mkdtemp(prefix="distrifx-tokenizer-"))
+    if kind != "sd3":
+        sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",
+                                      beta_start=0.00085, beta_end=0.012)
     if kind == "sd15":
         return diffusers.StableDiffusionPipeline(
             vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(32, seed), tokenizer=_tiny_tokenizer(tmp),
@@ -191,13 +192,20 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True), tokenizer_2=_tiny_tokenizer(tmp / "2"),
             unet=random_unet("sdxl", seed, projection_class_embeddings_input_dim=16 + 6 * 8), scheduler=sched,
         )
-    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15' or 'sdxl'")
+    if kind == "sd3":  # no T5: the pipeline pads the CLIP embeddings with zeros
+        return diffusers.StableDiffusion3Pipeline(
+            transformer=random_transformer("sd3", seed), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=_tiny_vae(seed, shift_factor=0.0), text_encoder=_tiny_text_encoder(16, seed, projection=True),
+            tokenizer=_tiny_tokenizer(tmp / "1"), text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True),
+            tokenizer_2=_tiny_tokenizer(tmp / "2"), text_encoder_3=None, tokenizer_3=None,
+        )
+    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl' or 'sd3'")
 
 
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {
     "sd3": dict(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
-        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16,
+        num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=32,
         pos_embed_max_size=32,
     ),
     "pixart": dict(
