@@ -11,14 +11,14 @@ from torch.utils._pytree import tree_map
 
 from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
 from distrifx.errors import ConfigError, ProcessGroupError
-from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator, SimulatedGroup
+from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator
 from distrifx.runtime.module import ParallelModule
 
 __all__ = ["parallelize", "parallelize_pipeline"]
 
 
 def _communicator(process_group: Any, config: ParallelConfig) -> Communicator:
-    if isinstance(process_group, SimulatedGroup):
+    if isinstance(process_group, Communicator):  # simulated or timing ranks
         comm: Communicator = process_group
         comm.timeout_s = min(comm.timeout_s, config.timeout_s)
     else:
@@ -47,7 +47,7 @@ def parallelize(
     warmup_steps: int = 4,
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     cfg_parallel: bool | Literal["auto"] = "auto",
-    backend: Backend | Literal["eager"] = "eager",
+    backend: Backend | Literal["eager", "inductor"] = "eager",
     process_group: Any = None,
     timeout_s: float = 300.0,
 ) -> ParallelModule:
@@ -55,6 +55,7 @@ def parallelize(
 
     Call on every rank. The result has the model's call signature and return type and returns
     the full output on every rank, so it can replace ``pipe.unet`` in an unmodified pipeline.
+    ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md).
 
     Example:
         >>> dist.init_process_group("gloo")                                # doctest: +SKIP
@@ -70,8 +71,6 @@ def parallelize(
         backend=backend,
         timeout_s=timeout_s,
     )
-    if config.backend is not Backend.EAGER:
-        raise ConfigError(f"backend={config.backend.value!r} is not available in this version; use 'eager'.")
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, ParallelModule):

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchCase", "run_case", "run_cases", "markdown_table", "machine_description"]
+__all__ = ["BenchCase", "run_case", "run_cases", "markdown_table", "machine_description", "plot_results",
+           "write_results"]
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,12 @@ class BenchCase:
     steps: int = 8
     warmup_steps: int = 4
     threads: int = 1
+    projected: bool = False  # time one rank alone (collectives return at once): compute only
 
     @property
     def label(self) -> str:
-        return f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} {self.mode}"
+        kind = " (one rank timed alone)" if self.projected else ""
+        return f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} {self.mode}{kind}"
 
 
 def _inputs(unet: torch.nn.Module, case: BenchCase) -> tuple[tuple, dict]:
@@ -48,25 +51,28 @@ def _inputs(unet: torch.nn.Module, case: BenchCase) -> tuple[tuple, dict]:
 
 
 def bench_rank(case: BenchCase) -> dict[str, Any]:
-    """Run ``case`` on this rank (inside ``distrifx.launch``); return its measurements."""
+    """Run ``case`` on this rank (inside ``distrifx.launch``, or alone if projected); return its measurements."""
     import torch.distributed as dist
 
     import distrifx
     from distrifx.models import random_unet
+    from distrifx.runtime.comm import TimingCommunicator
 
     unet = random_unet(case.model)
     (sample, _), kwargs = _inputs(unet, case)
     timesteps = torch.linspace(999, 1, case.steps).round().long()
+    group = TimingCommunicator(min(1, case.world_size - 1), case.world_size, 60.0) if case.projected else None
     if case.mode == "eager":
         model, pmodel = unet, None
     else:
         pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
-                                      cfg_parallel=False)
+                                      cfg_parallel=False, process_group=group)
         model = pmodel
     steps = []
     with torch.no_grad():
         for i, t in enumerate(timesteps):
-            dist.barrier()  # align ranks so a slow start on one rank is not counted as waiting
+            if not case.projected:
+                dist.barrier()  # align ranks so a slow start on one rank is not counted as waiting
             start = time.perf_counter()
             model(sample * (1 - 0.01 * i), t, **kwargs)
             wall = time.perf_counter() - start
@@ -79,7 +85,7 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
             })
     state_bytes = sum(t.numel() * t.element_size() for t in pmodel._state.values()) if pmodel is not None else 0
     return {
-        "rank": dist.get_rank(),
+        "rank": 0 if case.projected else dist.get_rank(),
         "steps": steps,
         "state_bytes": state_bytes,
         "build_s": pmodel.build_seconds if pmodel is not None else 0.0,
@@ -117,7 +123,8 @@ def run_case(case: BenchCase) -> dict[str, Any]:
     """Run one configuration in ``case.world_size`` fresh processes and summarize it."""
     from distrifx.launch import launch
 
-    ranks = launch(bench_rank, case.world_size, case, threads_per_rank=case.threads, timeout_s=3600, all_ranks=True)
+    processes = 1 if case.projected else case.world_size
+    ranks = launch(bench_rank, processes, case, threads_per_rank=case.threads, timeout_s=3600, all_ranks=True)
     return _summarize(case, ranks)
 
 
@@ -165,6 +172,54 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 def write_results(results: list[dict[str, Any]], out_dir: Path, command: str) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plots = plot_results(results, out_dir)
+    images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     (out_dir / "results.md").write_text(
-        f"Machine: {machine_description()}\n\nCommand: `{command}`\n\n{markdown_table(results)}\n"
+        f"Machine: {machine_description()}\n\nCommand: `{command}`\n\n{markdown_table(results)}\n\n{images}\n"
     )
+
+
+def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Speedup against world size (with the ideal N x) and a stacked step-time breakdown."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    fig, ax = plt.subplots(figsize=(5, 3.6))
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in results:
+        c = r["case"]
+        if c["mode"] != "eager" and r["speedup"] is not None:
+            key = f"{c['model']} {c['height']}x{c['width']} {c['mode']}" + (" (one rank alone)" if c["projected"] else "")
+            series.setdefault(key, []).append((c["world_size"], r["speedup"]))
+    sizes = sorted({n for points in series.values() for n, _ in points} | {1})
+    ax.plot(sizes, sizes, "k--", label="ideal N x")
+    for key, points in sorted(series.items()):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=key)
+    ax.set_xlabel("ranks (N)")
+    ax.set_ylabel("speedup over one rank")
+    ax.set_xticks(sizes)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths.append(out_dir / "speedup.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(results)), 3.6))
+    labels = [r["label"].replace(" b1 ", "\n") for r in results]
+    compute = [r["compute_s"] for r in results]
+    exposed = [r["exposed_comm_s"] for r in results]
+    ax.bar(labels, compute, label="compute")
+    ax.bar(labels, exposed, bottom=compute, label="exposed communication (blocked in waits)")
+    ax.set_ylabel("seconds per step (slowest rank)")
+    ax.tick_params(axis="x", labelsize=6)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(out_dir / "breakdown.png")
+    fig.savefig(paths[-1], dpi=130)
+    plt.close(fig)
+    return paths

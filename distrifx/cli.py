@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=8, help="denoising steps per run (default 8)")
     bench.add_argument("--warmup-steps", type=int, default=4, help="stale-mode warm-up steps (default 4)")
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    bench.add_argument("--project", type=int, nargs="*", default=[],
+                       help="world sizes too large for this machine: time one rank alone (compute only)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
     return parser
 
@@ -155,6 +157,7 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
                       warmup_steps=args.warmup_steps, threads=args.threads)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
         cases += [BenchCase(world_size=n, mode=m, **common) for n in args.world_sizes for m in args.modes]
+        cases += [BenchCase(world_size=n, mode=m, projected=True, **common) for n in args.project for m in args.modes]
     results = run_cases(cases)
     write_results(results, args.out, "distrifx " + " ".join(argv))
     print(markdown_table(results))

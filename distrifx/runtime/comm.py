@@ -21,7 +21,15 @@ import torch.distributed as dist
 
 from distrifx.errors import CollectiveTimeoutError, DistrifxError
 
-__all__ = ["CommStats", "Work", "Communicator", "ProcessGroupCommunicator", "SimulatedWorld", "SimulatedGroup"]
+__all__ = [
+    "CommStats",
+    "Work",
+    "Communicator",
+    "ProcessGroupCommunicator",
+    "SimulatedWorld",
+    "SimulatedGroup",
+    "TimingCommunicator",
+]
 
 
 @dataclass
@@ -265,3 +273,24 @@ class SimulatedGroup(Communicator):
         for peer, t in sends.items():
             self.world.post((seq, "p2p", self.rank, peer), t, readers=1)
         return lambda: {peer: self.world.take((seq, "p2p", peer, self.rank), self.rank) for peer in recvs}
+
+
+class TimingCommunicator(Communicator):
+    """One rank alone, pretending to be rank ``rank`` of ``world_size``: collectives return at once.
+
+    Gathers repeat this rank's block and halos are zeros, so the values are wrong but every shape
+    and every op is the real rank's: for timing one rank's compute at a world size the machine
+    cannot host. Bytes are counted as if sent.
+    """
+
+    def split(self, groups: list[list[int]]) -> Communicator:
+        (ranks,) = [g for g in groups if self.rank in g]
+        return TimingCommunicator(ranks.index(self.rank), len(ranks), self.timeout_s)
+
+    def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        return lambda: torch.cat([x] * self.world_size, dim)
+
+    def _exchange(
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+    ) -> Callable[[], dict[int, torch.Tensor]]:
+        return lambda: recvs

@@ -1,0 +1,114 @@
+"""Fidelity of stale and naive patches against the single-device image, on the trained default model.
+
+For every seed the single-device pipeline makes the reference image; the same generation then
+runs patch-parallel (simulated ranks: timing is irrelevant here, the arithmetic is the same as
+on real ranks) per world size, mode, warm-up and GroupNorm variant, and PSNR/SSIM are taken
+against the reference.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from distrifx.metrics import psnr, ssim
+
+__all__ = ["FidelityCase", "run_fidelity", "fidelity_table", "fidelity_figure"]
+
+PROMPTS = ("red circle", "blue square", "green triangle", "yellow ring", "purple circle", "white square")
+
+
+@dataclass(frozen=True)
+class FidelityCase:
+    world_size: int
+    mode: str
+    warmup_steps: int = 4
+    gn_variant: str = "corrected"
+
+    @property
+    def label(self) -> str:
+        extra = f", warm-up {self.warmup_steps}, GN {self.gn_variant}" if self.mode == "stale" else ""
+        return f"N={self.world_size} {self.mode}{extra}"
+
+
+def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch.Tensor:
+    return pipe(prompt, height=size, width=size, num_inference_steps=steps, output_type="pt",
+                generator=torch.Generator().manual_seed(seed), disable_progress=True).images
+
+
+def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, seed: int, size: int,
+                    steps: int) -> torch.Tensor:
+    import distrifx
+
+    pipes = [load() for _ in range(case.world_size)]
+
+    def rank(group: Any) -> torch.Tensor:
+        pipe = pipes[group.rank]
+        pipe.unet = distrifx.parallelize(pipe.unet, case.world_size, mode=case.mode, cfg_parallel=False,
+                                         warmup_steps=case.warmup_steps, gn_variant=case.gn_variant,
+                                         process_group=group)
+        return _generate(pipe, prompt, seed, size, steps)
+
+    return distrifx.simulate(rank, case.world_size)[0]
+
+
+def run_fidelity(
+    load: Callable[[], Any],
+    cases: Sequence[FidelityCase],
+    seeds: Sequence[int] = (0, 1, 2),
+    size: int = 64,
+    steps: int = 20,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """PSNR/SSIM of every case against the single-device image, per seed; and the images."""
+    rows, images = [], {"reference": []}
+    for seed, prompt in zip(seeds, itertools.cycle(PROMPTS)):
+        reference = _generate(load(), prompt, seed, size, steps)
+        images["reference"].append(reference)
+        for case in cases:
+            image = _parallel_image(load, case, prompt, seed, size, steps)
+            images.setdefault(case.label, []).append(image)
+            rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt,
+                         "psnr_db": psnr(image, reference), "ssim": ssim(image, reference)})
+    return rows, images
+
+
+def fidelity_table(rows: list[dict[str, Any]]) -> str:
+    """Mean PSNR/SSIM per case over seeds, as a markdown table."""
+    labels = list(dict.fromkeys(r["label"] for r in rows))
+    lines = ["| configuration | PSNR vs 1 device (dB) | SSIM | seeds |", "|---|---|---|---|"]
+    for label in labels:
+        mine = [r for r in rows if r["label"] == label]
+        mean_psnr = sum(min(r["psnr_db"], 99.0) for r in mine) / len(mine)
+        mean_ssim = sum(r["ssim"] for r in mine) / len(mine)
+        lines.append(f"| {label} | {mean_psnr:.1f} | {mean_ssim:.3f} | {len(mine)} |")
+    return "\n".join(lines)
+
+
+def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, Any]], path: Any) -> None:
+    """A grid: one row per seed, the reference then each configuration, PSNR in the titles."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(images)
+    seeds = len(images["reference"])
+    fig, axes = plt.subplots(seeds, len(labels), figsize=(2.2 * len(labels), 2.4 * seeds), squeeze=False)
+    for s in range(seeds):
+        for c, label in enumerate(labels):
+            ax = axes[s][c]
+            ax.imshow(images[label][s][0].permute(1, 2, 0).clamp(0, 1).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if label == "reference":
+                ax.set_title("1 device", fontsize=8)
+            else:
+                value = [r for r in rows if r["label"] == label][s]["psnr_db"]
+                ax.set_title(f"{label}\n{value:.1f} dB", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
