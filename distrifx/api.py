@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
+from distrifx.config import Backend, GNVariant, KVExchange, Mode, ParallelConfig
 from distrifx.errors import ConfigError, ProcessGroupError
 from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator
 from distrifx.runtime.module import ParallelModule
@@ -46,6 +46,7 @@ def parallelize(
     mode: Mode | Literal["sync", "stale", "naive"] = "stale",
     warmup_steps: int = 4,
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
+    kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
     backend: Backend | Literal["eager", "inductor"] = "eager",
     process_group: Any = None,
@@ -55,6 +56,9 @@ def parallelize(
 
     Call on every rank. The result has the model's call signature and return type and returns
     the full output on every rank, so it can replace ``pipe.unet`` in an unmodified pipeline.
+    ``kv_exchange`` picks what self-attention exchanges when K and V are projections of one
+    token tensor: "kv", "hidden" (gather the tensor, project locally), or "auto" (a cost model
+    of bytes saved against projection FLOPs for the device).
     ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md).
 
     Example:
@@ -67,6 +71,7 @@ def parallelize(
         mode=mode,
         warmup_steps=warmup_steps,
         gn_variant=gn_variant,
+        kv_exchange=kv_exchange,
         cfg_parallel=cfg_parallel,
         backend=backend,
         timeout_s=timeout_s,

@@ -8,7 +8,7 @@ from typing import Literal
 
 from distrifx.errors import ConfigError
 
-__all__ = ["Mode", "GNVariant", "Backend", "ParallelConfig"]
+__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig"]
 
 
 class Mode(str, enum.Enum):
@@ -26,6 +26,14 @@ class GNVariant(str, enum.Enum):
     SYNC = "sync"  # fresh global stats (a synchronous exchange every step)
     STALE = "stale"  # the previous step's global stats, this rank's part included
     SEPARATE = "separate"  # local stats only
+
+
+class KVExchange(str, enum.Enum):
+    """What self-attention exchanges when its keys and values are projections of one tensor."""
+
+    AUTO = "auto"  # whichever the cost model says is cheaper on this device
+    KV = "kv"  # the keys and values
+    HIDDEN = "hidden"  # the hidden states before the projections (each rank projects them)
 
 
 class Backend(str, enum.Enum):
@@ -58,6 +66,7 @@ class ParallelConfig:
     mode: Mode = Mode.STALE
     warmup_steps: int = 4
     gn_variant: GNVariant = GNVariant.CORRECTED
+    kv_exchange: KVExchange = KVExchange.AUTO
     cfg_parallel: bool | Literal["auto"] = "auto"
     backend: Backend = Backend.EAGER
     timeout_s: float = 300.0
@@ -66,6 +75,7 @@ class ParallelConfig:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
         object.__setattr__(self, "gn_variant", _enum(GNVariant, self.gn_variant, "gn_variant"))
         object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
+        object.__setattr__(self, "kv_exchange", _enum(KVExchange, self.kv_exchange, "kv_exchange"))
         problems = []
         if not isinstance(self.world_size, int) or self.world_size < 1:
             problems.append(f"world_size={self.world_size!r} must be a positive int")

@@ -104,7 +104,7 @@ def explain(
     with captured.lock:
         for phase in phases_for(config.mode):
             ctx = PassContext(rank=rank, world_size=world_size, phase=phase,
-                              gn_variant=config.gn_variant, name=type(model).__name__)
+                              gn_variant=config.gn_variant, kv_exchange=config.kv_exchange, name=type(model).__name__)
             graphs[phase] = build_rank_graph(captured.graph_module, ctx)
             unscheduled[phase] = build_rank_graph(captured.graph_module, ctx, skip=("schedule",))
     return Plan(config=config, rank=rank, graphs=graphs, unscheduled=unscheduled)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from torch.fx import GraphModule
 
-from distrifx.config import GNVariant, Mode
+from distrifx.config import GNVariant, KVExchange
 from distrifx.errors import DistrifxError
 
 __all__ = ["PassContext", "PassResult", "PassFn", "Phase", "run_passes", "DUMP_ENV"]
@@ -38,6 +38,7 @@ class PassContext:
     world_size: int
     phase: str = Phase.SYNC
     gn_variant: GNVariant = GNVariant.CORRECTED
+    kv_exchange: KVExchange = KVExchange.AUTO
     name: str = "graph"
     records: dict = field(default_factory=dict, compare=False, hash=False)
 

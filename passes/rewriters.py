@@ -14,9 +14,12 @@ from typing import Any
 import torch
 from torch.fx import Node
 
-from distrifx.config import GNVariant
+from torch.fx import map_arg
+
+from distrifx.config import GNVariant, KVExchange
 from distrifx.passes import kernels
-from distrifx.passes.builder import Builder, gather_bytes
+from distrifx.passes.builder import Builder, Form, form_for, gather_bytes
+from distrifx.passes.kv_source import FLOPS_PER_BYTE, KVSource, find_kv_source, prefer_hidden
 from distrifx.passes.rules.registry import global_shape, placement_of
 from distrifx.passes.spec import GatherKV, GlobalGroupNorm, HaloConv, Rewrite
 from distrifx.runtime import ops
@@ -95,22 +98,53 @@ def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs
     return b.trace(kernels.group_norm_apply, x, mean, var, groups, weight, bias, eps, ndim)
 
 
+def _gather_tokens(b: Builder, name: str, old: Node, new: Node, seq_dim: int) -> Node:
+    """All ranks' tokens of ``old`` in this phase's form: fresh, stale with this rank's fresh, or local."""
+    shard = placement_of(old)
+    head, block, tail = b.split_segment(new, old, shard)
+    nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
+    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), nbytes)
+    if now is not None:
+        middle = now
+    elif stale is not None:
+        size = shard.block(global_shape(old)[seq_dim], b.ctx.world_size)
+        middle = b.trace(kernels.splice_own, stale, block, seq_dim, b.ctx.rank, size, b.ctx.world_size)
+    else:
+        middle = block
+    return b.join_segment(head, middle, tail, seq_dim)
+
+
+def _exchange_hidden(b: Builder, node: Node) -> KVSource | None:
+    """The K/V source to exchange instead of K and V, if the options and the cost model say so."""
+    source = find_kv_source(node)
+    if source is None or form_for("kv", b.ctx) is Form.NONE or b.ctx.kv_exchange is KVExchange.KV:
+        return None
+    if b.ctx.kv_exchange is KVExchange.HIDDEN:
+        return source
+    device = source.hidden.meta["val"].device.type
+    return source if prefer_hidden(source, b.ctx.world_size, FLOPS_PER_BYTE.get(device, FLOPS_PER_BYTE["cpu"])) else None
+
+
+def _project(b: Builder, chain: tuple[Node, ...], hidden: Node) -> Node:
+    """Re-run a K or V projection chain (global shapes) on the gathered hidden states."""
+    value = hidden
+    for old in chain:
+        rest = map_arg(old.args[1:], lambda n: b.env[n])
+        value = b.call(old.target, (value, *rest), map_arg(old.kwargs, lambda n: b.env[n]))
+    return value
+
+
 @rewriter(GatherKV)
 def _gather_kv(b: Builder, node: Node, rw: GatherKV, args: tuple, kwargs: dict) -> Node:
-    """Keys/values: every rank's sharded block (fresh, or stale with this rank's fresh), head/tail local."""
+    """Queries stay local; keys/values cover every rank's tokens (gathered directly, or projected
+    from gathered hidden states when that is cheaper)."""
     q, k, v, *rest = args
-    gathered = []
-    for tag, old, new in (("k", node.args[1], k), ("v", node.args[2], v)):
-        shard = placement_of(old)
-        head, block, tail = b.split_segment(new, old, shard)
-        nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
-        now, stale = b.exchange(f"{tag}_{node.name}", "kv", ops.all_gather_start, (block, rw.seq_dim), nbytes)
-        if now is not None:
-            middle = now
-        elif stale is not None:
-            size = shard.block(global_shape(old)[rw.seq_dim], b.ctx.world_size)
-            middle = b.trace(kernels.splice_own, stale, block, rw.seq_dim, b.ctx.rank, size, b.ctx.world_size)
-        else:
-            middle = block
-        gathered.append(b.join_segment(head, middle, tail, rw.seq_dim))
-    return b.call(node.target, (q, *gathered, *rest), kwargs)
+    source = _exchange_hidden(b, node)
+    if source is not None:
+        seq = placement_of(source.hidden).dim
+        hidden = _gather_tokens(b, f"h_{node.name}", source.hidden, b.env[source.hidden], seq)
+        k, v = (_project(b, chain, hidden) for chain in source.chains)
+    else:
+        k, v = (_gather_tokens(b, f"{tag}_{node.name}", old, new, rw.seq_dim)
+                for tag, old, new in (("k", node.args[1], k), ("v", node.args[2], v)))
+    return b.call(node.target, (q, k, v, *rest), kwargs)

@@ -174,3 +174,27 @@ def test_every_conv_case_is_exact(world_size):
             lambda g: distrifx.parallelize(model, world_size, mode="sync", process_group=g)(x), world_size
         )
     assert max(float((o - expected).abs().max()) for o in outs) < 1e-5
+
+
+def test_kv_source_finder_and_cost_model(sd15_plan):
+    from distrifx.capture import capture
+    from distrifx.passes.kv_source import find_kv_source, prefer_hidden
+
+    unet, _ = sd15_plan
+    graph = capture(unet, *unet_inputs(unet)).graph_module.graph  # annotated by the plan above
+    attentions = [n for n in graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    found = {distrifx.errors.module_path(n).split(" ")[0]: find_kv_source(n) for n in attentions}
+    assert all(s is not None for path, s in found.items() if path.endswith("attn1"))
+    assert all(s is None for path, s in found.items() if path.endswith("attn2"))  # K/V of the text
+    source = next(s for s in found.values() if s is not None)
+    assert [c[0].target for c in source.chains] == [torch.ops.aten.linear.default] * 2
+    assert prefer_hidden(source, 2, flops_per_byte=1e6) and not prefer_hidden(source, 2, flops_per_byte=1.0)
+
+
+def test_exchanging_hidden_states_halves_attention_traffic():
+    unet = random_unet("sd15")
+    args, kwargs = unet_inputs(unet)
+    sent = {kvx: distrifx.explain(unet, args, kwargs, world_size=2, mode="sync", kv_exchange=kvx).sites("sync")
+            for kvx in ("kv", "hidden")}
+    kv_bytes = {kvx: sum(s.bytes_sent for s in sites if s.kind == "kv") for kvx, sites in sent.items()}
+    assert kv_bytes["hidden"] * 2 == kv_bytes["kv"]

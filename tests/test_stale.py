@@ -85,3 +85,14 @@ def test_group_norm_variants_run_and_differ_from_corrected(variant):
     other = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=1, gn_variant=variant)[0][-1][0]
     assert torch.isfinite(other).all()
     assert not torch.equal(corrected, other)
+
+
+def test_hidden_state_exchange_matches_kv_exchange():
+    """Projecting gathered hidden states is the same math as gathering K and V, in both modes."""
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 3)
+    for mode in ("sync", "stale"):
+        kv = _run(unet, 2, samples, kwargs, mode=mode, warmup_steps=1, kv_exchange="kv")[0]
+        hidden = _run(unet, 2, samples, kwargs, mode=mode, warmup_steps=1, kv_exchange="hidden")[0]
+        for (a, _), (b, _) in zip(kv, hidden):
+            assert float((a - b).abs().max()) < 1e-5

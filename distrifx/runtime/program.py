@@ -6,15 +6,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.fx import GraphModule
+from torch import nn
 from torch.utils._pytree import TreeSpec
 
+from distrifx.backends import apply_backend
 from distrifx.capture import CapturedProgram
 from distrifx.config import Mode, ParallelConfig
 from distrifx.passes import META_SIGNATURE, META_SITES, PassContext, Phase, RankSignature, build_rank_graph
 from distrifx.runtime.comm import Communicator
 
-__all__ = ["RankProgram", "phases_for", "build_program"]
+__all__ = ["RankProgram", "phases_for", "select_phase", "build_program"]
 
 
 def phases_for(mode: Mode) -> tuple[str, ...]:
@@ -22,11 +23,31 @@ def phases_for(mode: Mode) -> tuple[str, ...]:
     return {Mode.SYNC: (Phase.SYNC,), Mode.NAIVE: (Phase.NAIVE,), Mode.STALE: (Phase.WARMUP, Phase.STALE)}[mode]
 
 
+def select_phase(mode: Mode, warmup_steps: int, step: int, new_generation: bool, has_state: bool) -> str:
+    """The graph a call runs: stale mode warms up at the start of a generation and without state.
+
+    Example:
+        >>> select_phase(Mode.STALE, warmup_steps=1, step=1, new_generation=False, has_state=True)
+        'stale'
+    """
+    if mode is Mode.SYNC:
+        return Phase.SYNC
+    if mode is Mode.NAIVE:
+        return Phase.NAIVE
+    if new_generation or step < warmup_steps or not has_state:
+        return Phase.WARMUP
+    return Phase.STALE
+
+
 @dataclass(frozen=True)
 class RankProgram:
-    """Per-phase graphs of one rank plus how to unflatten their outputs."""
+    """Per-phase graphs of one rank plus how to unflatten their outputs.
 
-    graphs: dict[str, GraphModule]
+    A graph is the rank's GraphModule (eager), its split form with compiled segments (inductor)
+    or a stored program (:func:`distrifx.load`); each keeps the signature in ``.meta``.
+    """
+
+    graphs: dict[str, nn.Module]
     out_spec: TreeSpec
 
     def signature(self, phase: str) -> RankSignature:
@@ -46,14 +67,17 @@ class RankProgram:
 
 
 def build_program(captured: CapturedProgram, config: ParallelConfig, rank: int, name: str) -> RankProgram:
-    """Run the pass pipeline for every phase ``config.mode`` needs, for one rank."""
+    """Run the pass pipeline for every phase ``config.mode`` needs, for one rank, under ``config.backend``."""
     with captured.lock:
         graphs = {
             phase: build_rank_graph(
                 captured.graph_module,
                 PassContext(rank=rank, world_size=config.world_size, phase=phase,
-                            gn_variant=config.gn_variant, name=name),
+                            gn_variant=config.gn_variant, kv_exchange=config.kv_exchange, name=name),
             )
             for phase in phases_for(config.mode)
         }
-    return RankProgram(graphs=graphs, out_spec=captured.out_spec)
+    return RankProgram(
+        graphs={phase: apply_backend(gm, config.backend) for phase, gm in graphs.items()},
+        out_spec=captured.out_spec,
+    )
