@@ -213,6 +213,7 @@ class DefaultPipeline:
         self.unet = unet
         self.scheduler = scheduler
         self.prompt_encoder = prompt_encoder
+        self._progress_disabled = False
 
     @classmethod
     def untrained(cls, seed: int = 0) -> DefaultPipeline:
@@ -262,6 +263,17 @@ class DefaultPipeline:
         self.prompt_encoder.to(*args, **kwargs)
         return self
 
+    def set_progress_bar_config(self, disable: bool = False) -> None:
+        """Show or hide the denoising progress bar (the diffusers pipeline method of that name)."""
+        self._progress_disabled = disable
+
+    def prepare_latents(self, shape: tuple[int, ...], generator: torch.Generator | None) -> torch.Tensor:
+        """The initial noise (a method of its own so distrifx can share rank 0's across ranks)."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
+        return latents * self.scheduler.init_noise_sigma
+
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """``(B, 2, D)`` conditioning tokens for ``prompts``."""
         return self.prompt_encoder(self.prompt_encoder.ids(prompts))
@@ -291,7 +303,6 @@ class DefaultPipeline:
         step. ``output_type``: "pil" (PIL images), "pt" (tensor in ``[0, 1]``) or "latent" (the
         raw final sample, in ``[-1, 1]`` up to model error).
         """
-        from diffusers.utils.torch_utils import randn_tensor
         from tqdm.auto import tqdm
 
         if output_type not in ("pil", "pt", "latent"):
@@ -301,11 +312,10 @@ class DefaultPipeline:
         guided = guidance_scale > 1.0
         ctx = torch.cat([self.unconditional(len(prompts)), cond]) if guided else cond
 
-        shape = (len(prompts), 3, height, width)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.dtype)
-        latents = latents * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents((len(prompts), 3, height, width), generator)
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        for i, t in enumerate(tqdm(self.scheduler.timesteps, disable=disable_progress, desc="denoising")):
+        disable = disable_progress or self._progress_disabled
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, disable=disable, desc="denoising")):
             latents_in = torch.cat([latents, latents]) if guided else latents
             latents_in = self.scheduler.scale_model_input(latents_in, t)
             noise = self.unet(latents_in, t, encoder_hidden_states=ctx).sample
