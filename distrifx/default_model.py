@@ -175,7 +175,9 @@ class PromptEncoder(nn.Module):
         """Writes the tables to a safetensors file, the vocabulary in its metadata."""
         from safetensors.torch import save_file
 
-        vocab = {"colours": json.dumps(self.colours), "shapes": json.dumps(self.shapes)}
+        # One metadata key: safetensors writes several in no fixed order, and the file should be
+        # byte-identical across identical training runs.
+        vocab = {"vocabulary": json.dumps({"colours": self.colours, "shapes": self.shapes})}
         save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(path), vocab)
 
     @classmethod
@@ -184,9 +186,9 @@ class PromptEncoder(nn.Module):
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata()
+            vocab = json.loads(f.metadata()["vocabulary"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        encoder = cls(json.loads(meta["colours"]), json.loads(meta["shapes"]), tensors["colour.weight"].shape[1])
+        encoder = cls(vocab["colours"], vocab["shapes"], tensors["colour.weight"].shape[1])
         encoder.load_state_dict(tensors)
         return encoder
 
