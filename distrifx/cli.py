@@ -68,6 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--project", type=int, nargs="*", default=[],
                        help="world sizes too large for this machine: time one rank alone (compute only)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+
+    fid = sub.add_parser("fidelity", help="PSNR/SSIM of stale and naive patches against one device",
+                         description="On the trained default model: every configuration's image against the "
+                                     "single-device image, per seed; writes a table, JSON and a figure.")
+    fid.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
+    fid.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4], help="stale warm-up steps to sweep")
+    fid.add_argument("--gn-variants", nargs="+", default=["corrected", "sync", "stale", "separate"])
+    fid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    fid.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
+    fid.add_argument("--steps", type=int, default=20)
+    fid.add_argument("--out", type=Path, default=Path("fidelity-results"))
     return parser
 
 
@@ -165,6 +176,27 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
+    import json
+
+    from distrifx.default_model import load_default_pipeline
+    from distrifx.fidelity import FidelityCase, fidelity_figure, fidelity_table, run_fidelity
+
+    cases = []
+    for n in args.world_sizes:
+        cases += [FidelityCase(n, "stale", w, "corrected") for w in args.warmups]
+        cases += [FidelityCase(n, "stale", max(args.warmups), v) for v in args.gn_variants if v != "corrected"]
+        cases.append(FidelityCase(n, "naive"))
+    rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    table = fidelity_table(rows)
+    fidelity_figure({k: v for k, v in images.items() if "GN" not in k or "corrected" in k}, rows, args.out / "images.png")
+    (args.out / "results.md").write_text(f"Command: `distrifx {' '.join(argv)}`\n\n{table}\n\n![images](images.png)\n")
+    print(table)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -172,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_generate(args)
     if args.command == "bench":
         return _run_bench(args, argv)
+    if args.command == "fidelity":
+        return _run_fidelity(args, argv)
     raise SystemExit(f"unknown command {args.command}")
 
 
