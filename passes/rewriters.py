@@ -94,8 +94,8 @@ def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs
         mean, var = b.trace(kernels.corrected_group_stats, stale, stats, b.ctx.rank)
     else:  # fresh global (sync), previous step's global (stale), or local only (separate)
         mean, var = b.trace(kernels.combine_group_stats, next(s for s in (now, stale, stats) if s is not None))
-    ndim = len(global_shape(node))
-    return b.trace(kernels.group_norm_apply, x, mean, var, groups, weight, bias, eps, ndim)
+    shape = global_shape(node)
+    return b.trace(kernels.group_norm_apply, x, mean, var, groups, weight, bias, eps, len(shape), shape[1])
 
 
 def _gather_tokens(b: Builder, name: str, old: Node, new: Node, seq_dim: int) -> Node:
