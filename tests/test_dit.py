@@ -10,13 +10,7 @@ from torch import nn
 import distrifx
 from distrifx.models import random_transformer, transformer_inputs
 from tests import workers
-
-
-def _outputs(model, world_size, kwargs, **options):
-    def rank(group):
-        return distrifx.parallelize(model, world_size, process_group=group, **options)(**kwargs).sample
-
-    return distrifx.simulate(rank, world_size)
+from tests.conftest import sync_error
 
 
 @pytest.mark.parametrize("name", ["sd3", "pixart", "flux"])
@@ -24,10 +18,7 @@ def _outputs(model, world_size, kwargs, **options):
 def test_sync_equals_eager(name, world_size, height, width):
     model = random_transformer(name)
     _, kwargs = transformer_inputs(model, 1, height, width)
-    with torch.no_grad():
-        expected = model(**kwargs).sample
-    outs = _outputs(model, world_size, kwargs, mode="sync")
-    assert max(float((o - expected).abs().max()) for o in outs) < 1e-5
+    assert sync_error(model, world_size, **kwargs) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["sd3", "pixart", "flux"])
@@ -93,11 +84,4 @@ class _CustomBlock(nn.Module):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_custom_module_sync_equals_eager(world_size):
     torch.manual_seed(0)
-    model = _CustomBlock().eval()
-    x = torch.randn(2, 3, 32, 16)
-    with torch.no_grad():
-        expected = model(x)
-    outs = distrifx.simulate(
-        lambda g: distrifx.parallelize(model, world_size, mode="sync", process_group=g)(x), world_size
-    )
-    assert max(float((o - expected).abs().max()) for o in outs) < 1e-5
+    assert sync_error(_CustomBlock().eval(), world_size, torch.randn(2, 3, 32, 16)) < 1e-5

@@ -16,6 +16,7 @@ from distrifx.passes.rules import register
 from distrifx.passes.rules.spatial import conv_halo
 from distrifx.passes.rules.views import view_shard_dim
 from distrifx.runtime.ops import is_start, is_wait
+from tests.conftest import sync_error
 
 
 def test_conv_halo_rows():
@@ -166,14 +167,7 @@ class _Convs(nn.Module):
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_every_conv_case_is_exact(world_size):
     torch.manual_seed(0)
-    model = _Convs().eval()
-    x = torch.randn(2, 3, 32, 24)
-    with torch.no_grad():
-        expected = model(x)
-        outs = distrifx.simulate(
-            lambda g: distrifx.parallelize(model, world_size, mode="sync", process_group=g)(x), world_size
-        )
-    assert max(float((o - expected).abs().max()) for o in outs) < 1e-5
+    assert sync_error(_Convs().eval(), world_size, torch.randn(2, 3, 32, 24)) < 1e-5
 
 
 def test_kv_source_finder_and_cost_model(sd15_plan):

@@ -7,18 +7,9 @@ import torch
 
 import distrifx
 from distrifx.models import random_unet, unet_inputs
-from tests.conftest import max_rank_error
+from tests.conftest import sync_error
 
 ATOL = 1e-5
-
-
-def _sync_outputs(unet, world_size, args, kwargs):
-    def rank(group):
-        pmodel = distrifx.parallelize(unet, world_size, mode="sync", process_group=group)
-        return pmodel(*args, **kwargs).sample
-
-    with torch.no_grad():
-        return distrifx.simulate(rank, world_size)
 
 
 @pytest.mark.parametrize("name", ["sd15", "sd2", "sdxl"])
@@ -27,20 +18,14 @@ def _sync_outputs(unet, world_size, args, kwargs):
 def test_sync_equals_eager(name, world_size, batch, height, width):
     unet = random_unet(name)
     args, kwargs = unet_inputs(unet, batch, height, width)
-    with torch.no_grad():
-        expected = unet(*args, **kwargs).sample
-    outputs = _sync_outputs(unet, world_size, args, kwargs)
-    assert len(outputs) == world_size
-    assert max_rank_error(outputs, expected) < ATOL
+    assert sync_error(unet, world_size, *args, **kwargs) < ATOL
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
 def test_sync_equals_eager_eight_simulated_ranks(name):
     unet = random_unet(name)
     args, kwargs = unet_inputs(unet, 1, 32, 24)
-    with torch.no_grad():
-        expected = unet(*args, **kwargs).sample
-    assert max_rank_error(_sync_outputs(unet, 8, args, kwargs), expected) < ATOL
+    assert sync_error(unet, 8, *args, **kwargs) < ATOL
 
 
 def test_return_types_follow_the_model():
