@@ -9,10 +9,12 @@ from distrifx.config import Backend, GNVariant, Mode, ParallelConfig
 from distrifx.launch import launch
 from distrifx.vae import parallelize_vae_decoder
 from distrifx.errors import (
+    ArtifactError,
     CaptureError,
     CollectiveTimeoutError,
     ConfigError,
     DistrifxError,
+    InputSignatureError,
     ProcessGroupError,
     ShapeError,
     ShardingError,
@@ -20,6 +22,7 @@ from distrifx.errors import (
 )
 from distrifx.runtime import ParallelModule, simulate
 from distrifx.inspect import Plan, explain
+from distrifx.export import export, load
 
 __version__ = "0.1.0"
 
@@ -30,6 +33,8 @@ __all__ = [
     "simulate",
     "launch",
     "explain",
+    "export",
+    "load",
     "Plan",
     "ParallelModule",
     "ParallelConfig",
@@ -44,4 +49,6 @@ __all__ = [
     "ShardingError",
     "ShapeError",
     "CollectiveTimeoutError",
+    "ArtifactError",
+    "InputSignatureError",
 ]

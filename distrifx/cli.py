@@ -1,7 +1,9 @@
-"""The ``distrifx`` command line: generate images across N ranks.
+"""The ``distrifx`` command line: generate images across N ranks, benchmark, export.
 
     distrifx generate --prompt "a red circle" --world-size 2 --out image.png
     torchrun --nproc-per-node 4 -m distrifx generate --model ./my-sd15 --height 1024 --width 1024
+    distrifx compile --world-size 2 --format onnx --out engines/
+    distrifx bench --model sd15-half --latent 64     distrifx fidelity --world-sizes 2 4
 
 Without ``--model`` it runs on the embedded default model (small, shipped in the package).
 Without torchrun, ``--world-size N`` spawns N local ranks itself (gloo on CPU, nccl on GPUs).
@@ -68,6 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--project", type=int, nargs="*", default=[],
                        help="world sizes too large for this machine: time one rank alone (compute only)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
+
+    comp = sub.add_parser("compile", help="export every rank's program offline (pt2 or onnx)",
+                          description="Capture a pipeline component at one resolution, build every rank's "
+                                      "program and write them with a manifest; load with distrifx.load.")
+    comp.add_argument("--model", type=Path, default=None,
+                      help="local diffusers pipeline directory (default: the embedded default model)")
+    comp.add_argument("--component", choices=["unet", "transformer", "vae"], default="unet")
+    comp.add_argument("--height", type=int, default=64, help="image height in pixels (default 64)")
+    comp.add_argument("--width", type=int, default=64, help="image width in pixels (default 64)")
+    comp.add_argument("--batch", type=int, default=2, help="batch the denoiser is called with (2: guidance)")
+    comp.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
+    comp.add_argument("--world-size", type=int, default=2)
+    comp.add_argument("--mode", choices=["sync", "stale", "naive"], default="stale")
+    comp.add_argument("--warmup-steps", type=int, default=4)
+    comp.add_argument("--out", type=Path, required=True, help="output directory")
 
     fid = sub.add_parser("fidelity", help="PSNR/SSIM of stale and naive patches against one device",
                          description="On the trained default model: every configuration's image against the "
@@ -176,6 +193,38 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _component_inputs(pipe: Any, component: str, args: argparse.Namespace) -> tuple[Any, tuple, dict]:
+    """The module to export and example inputs at the requested resolution."""
+    from distrifx.models import transformer_inputs, unet_inputs
+    from distrifx.vae import VaeDecode
+
+    scale = getattr(pipe, "vae_scale_factor", 1)
+    rows, cols = args.height // scale, args.width // scale
+    tokens = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 2)
+    if component == "vae":
+        z = torch.randn(1, pipe.vae.config.latent_channels, rows, cols)
+        return VaeDecode(pipe.vae), (z,), {}
+    model = getattr(pipe, component, None)
+    if model is None:
+        raise SystemExit(f"distrifx: the pipeline has no {component!r}")
+    make = unet_inputs if component == "unet" else transformer_inputs
+    model_args, kwargs = make(model, args.batch, rows, cols, tokens=tokens)
+    return model, model_args, kwargs
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    import distrifx
+
+    pipe = _load_pipeline(args.model)
+    model, model_args, kwargs = _component_inputs(pipe, args.component, args)
+    start = time.perf_counter()
+    manifest = distrifx.export(model, args.out, args.world_size, args=model_args, kwargs=kwargs, mode=args.mode,
+                               warmup_steps=args.warmup_steps, format=args.format)
+    print(f"distrifx: wrote {manifest} ({args.format}, {args.world_size} ranks, mode={args.mode}) "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
     import json
 
@@ -206,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_bench(args, argv)
     if args.command == "fidelity":
         return _run_fidelity(args, argv)
+    if args.command == "compile":
+        return _run_compile(args)
     raise SystemExit(f"unknown command {args.command}")
 
 

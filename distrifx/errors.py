@@ -19,6 +19,8 @@ __all__ = [
     "ShardingError",
     "ShapeError",
     "CollectiveTimeoutError",
+    "ArtifactError",
+    "InputSignatureError",
     "module_path",
     "where",
 ]
@@ -50,6 +52,14 @@ class ShardingError(DistrifxError):
 
 class ShapeError(DistrifxError, ValueError):
     """An input shape cannot be split evenly over the ranks."""
+
+
+class ArtifactError(DistrifxError):
+    """Exported artifacts cannot be used here: a file is missing or changed, or versions differ."""
+
+
+class InputSignatureError(DistrifxError, ValueError):
+    """A loaded program was called with inputs it was not exported for."""
 
 
 class CollectiveTimeoutError(DistrifxError, TimeoutError):

@@ -14,12 +14,11 @@ from torch import nn
 from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from distrifx.capture import capture, signature_key
-from distrifx.config import Mode, ParallelConfig
+from distrifx.config import ParallelConfig
 from distrifx.errors import DistrifxError
-from distrifx.passes import Phase
 from distrifx.runtime.cfg import CfgSplit, batch_size, wants_split
 from distrifx.runtime.comm import CommStats, Communicator
-from distrifx.runtime.program import RankProgram, build_program
+from distrifx.runtime.program import RankProgram, build_program, select_phase
 from distrifx.runtime.steps import StepTracker
 
 __all__ = ["ParallelModule", "PIPELINE_ATTRIBUTES"]
@@ -129,14 +128,8 @@ class ParallelModule(nn.Module):
         return bound.arguments.get(self._timestep_param)
 
     def _phase(self, new_generation: bool) -> str:
-        mode = self.parallel_config.mode
-        if mode is Mode.SYNC:
-            return Phase.SYNC
-        if mode is Mode.NAIVE:
-            return Phase.NAIVE
-        if new_generation or self.steps.step < self.parallel_config.warmup_steps or not self._state:
-            return Phase.WARMUP
-        return Phase.STALE
+        config = self.parallel_config
+        return select_phase(config.mode, config.warmup_steps, self.steps.step, new_generation, bool(self._state))
 
     def _check_same_inputs(self, args: tuple, kwargs: dict) -> None:
         """Fail loudly if ranks were given different inputs (a different seed on one rank)."""

@@ -1,0 +1,744 @@
+"""Offline export: every rank's program written to files, loaded later without the model's code.
+
+:func:`export` captures the model once, builds every rank's per-phase graphs, splits them into
+compute segments and collectives (:func:`~distrifx.backends.split_segments`), runs the ranks in
+simulation to get example inputs for every segment, and writes
+
+- ``segments/NNN.pt2`` (``torch.export``, weights inside) or ``segments/NNN.onnx`` (ONNX, weights
+  inside or in ``NNN.onnx.data`` beside it): one file per distinct compute segment (ranks and
+  phases share identical ones);
+- ``manifest.json``: versions, world size, options, the input signature and pytree specs, each
+  file's sha256, and per rank and phase the program: compute steps (file, value ids in and out),
+  collective starts (op and static arguments) and waits, the graph's inputs, outputs and state.
+
+:func:`load` checks the manifest against this process (world size, versions, file hashes) and
+returns a module that runs this rank's stored program: segments from the files, collectives by
+the communicator between them, steps and phases tracked exactly like
+:class:`~distrifx.runtime.module.ParallelModule`. Only JSON, ``torch.export`` archives and ONNX
+files are read; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import json
+import operator
+import os
+import re
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.fx import Graph, GraphModule, Node
+from torch.utils._pytree import (
+    SERIALIZED_TYPE_TO_PYTHON_TYPE,
+    TreeSpec,
+    tree_flatten,
+    tree_unflatten,
+    treespec_dumps,
+    treespec_loads,
+)
+
+from distrifx.api import _communicator
+from distrifx.backends import is_segment, segments, split_segments
+from distrifx.capture import capture
+from distrifx.capture.export import _leaf_key
+from distrifx.config import GNVariant, KVExchange, Mode, ParallelConfig
+from distrifx.errors import ArtifactError, ConfigError, DistrifxError, InputSignatureError, ProcessGroupError
+from distrifx.passes import META_SIGNATURE, RankSignature
+from distrifx.runtime import ops
+from distrifx.runtime.comm import CommStats, Communicator, SimulatedGroup
+from distrifx.runtime.module import _leaf_paths
+from distrifx.runtime.program import RankProgram, build_program, phases_for, select_phase
+from distrifx.runtime.simulate import simulate
+from distrifx.runtime.steps import StepTracker
+
+__all__ = ["export", "load", "ExportedModule", "ArtifactError", "InputSignatureError", "MANIFEST", "FORMATS"]
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+FORMATS = ("pt2", "onnx")
+SEGMENT_DIR = "segments"
+# Protobuf cannot serialize 2 GiB; bigger ONNX segments keep their weights in a file beside them.
+_ONNX_INLINE_LIMIT = 1 << 30
+_COLLECTIVES: dict[str, Callable[..., Any]] = {f.__name__: f for f in (*ops.COLLECTIVE_STARTS, ops.wait)}
+# Opened segments by (file, sha256), alive while a loaded module uses them. Guarded by the lock,
+# which also serializes torch.export.load (it keeps state in globals) across simulated ranks.
+_OPENED: weakref.WeakValueDictionary[tuple[str, str], Callable[..., tuple]] = weakref.WeakValueDictionary()
+_LOAD_LOCK = threading.Lock()
+
+
+def _require(what: str, *modules: str) -> None:
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"{what} needs the packages {missing}: pip install 'distrifx[onnx]' "
+                          "(onnx, onnxruntime, onnxscript).")
+
+
+# -- describing inputs ---------------------------------------------------------------------------
+def _describe(leaf: object) -> dict[str, Any]:
+    """A JSON description of an input leaf: what the exported graphs are specialized to."""
+    kind, *rest = _leaf_key(leaf)
+    if kind == "T":
+        shape, dtype, device = rest
+        return {"kind": "tensor", "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "device": device}
+    if kind == "G":
+        return {"kind": "generator", "device": rest[0]}
+    return {"kind": "constant", "repr": rest[0]}
+
+
+def _spell(description: Mapping[str, Any]) -> str:
+    if description["kind"] == "tensor":
+        return f"a {description['dtype']} tensor of shape {tuple(description['shape'])} on {description['device']}"
+    if description["kind"] == "generator":
+        return f"a torch.Generator on {description['device']}"
+    return f"the value {description['repr']}"
+
+
+def _positional_names(model: nn.Module, count: int) -> list[str] | None:
+    """Names of the first ``count`` positional parameters of ``model.forward`` (None: ``*args``)."""
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    return names[:count] if count <= len(names) else None
+
+
+# -- example inputs from a simulated run ---------------------------------------------------------
+def _static_key(segment: GraphModule) -> tuple:
+    """Identical code on identical weight tensors: the same program (ranks share most segments)."""
+    weights = tuple((n.target, id(operator.attrgetter(n.target)(segment))) for n in segment.graph.nodes
+                    if n.op == "get_attr")
+    return segment.code, weights
+
+
+@dataclass
+class _Examples:
+    """Per (rank, phase, segment): its distinct-segment key; per key: the first example inputs."""
+
+    keys: dict[tuple[int, str, str], tuple] = dataclasses.field(default_factory=dict)
+    inputs: dict[tuple, tuple[tuple[int, int, int], tuple]] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def hook(self, rank: int, phase_index: int, phase: str, index: int, name: str, segment: GraphModule) -> Callable:
+        static = _static_key(segment)
+        order = (rank, phase_index, index)  # the lowest occurrence wins: files do not depend on thread timing
+
+        def record(_module: nn.Module, args: tuple) -> None:
+            if not all(isinstance(a, torch.Tensor) for a in args):
+                kinds = [type(a).__name__ for a in args]
+                raise DistrifxError(f"rank {rank} {phase} {name}: segment inputs must be tensors, got {kinds}")
+            key = (static, tuple((tuple(a.shape), a.dtype) for a in args))
+            with self.lock:
+                self.keys[(rank, phase, name)] = key
+                if key not in self.inputs or order < self.inputs[key][0]:
+                    # Clones: one activation feeds several segments, and exporters merge inputs
+                    # that alias one tensor, which would join segments in the ONNX union.
+                    self.inputs[key] = (order, tuple(a.detach().clone() for a in args))
+
+        return record
+
+
+def _record_examples(splits: list[dict[str, GraphModule]], out_spec: TreeSpec, flat: list[Any],
+                     phases: tuple[str, ...]) -> _Examples:
+    """Run every rank's phases in order (state carried, so the stale graph sees real state)."""
+    examples = _Examples()
+    handles = [
+        segment.register_forward_pre_hook(examples.hook(rank, p, phase, i, name, segment))
+        for rank, graphs in enumerate(splits)
+        for p, phase in enumerate(phases)
+        for i, (name, segment) in enumerate(segments(graphs[phase]))
+    ]
+
+    def run(group: SimulatedGroup) -> None:
+        program = RankProgram(graphs=splits[group.rank], out_spec=out_spec)
+        state: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for phase in phases:
+                _, state = program.run(phase, group, flat, state)
+
+    try:
+        simulate(run, len(splits))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return examples
+
+
+# -- writing segments ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Distinct:
+    """One segment file to write: the module and the example inputs it is exported with."""
+
+    file: str
+    origin: str  # where it first occurs, for errors: "rank 0, phase sync, segment_3"
+    module: GraphModule
+    example: tuple[torch.Tensor, ...]
+
+
+def _write_pt2(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
+    """One ``torch.export`` archive per segment; the program's steps name its inputs and outputs."""
+    for d in distinct:
+        try:
+            program = torch.export.export(d.module, d.example, strict=False)
+        except Exception as exc:
+            raise DistrifxError(f"torch.export failed on {d.origin} (to be written to {d.file}): "
+                                f"{type(exc).__name__}: {exc}") from exc
+        torch.export.save(program, out / d.file)
+    return {}
+
+
+def _union(distinct: list[_Distinct]) -> tuple[GraphModule, list[str], list[str], list[torch.Tensor]]:
+    """All segments side by side in one graph (disjoint), inputs and outputs named per segment."""
+    graph = Graph()
+    in_names, out_names, outs, example = [], [], [], []
+    attrs: dict[str, torch.Tensor] = {}
+    for k, d in enumerate(distinct):
+        env: dict[Node, Node] = {}
+        for node in d.module.graph.nodes:
+            if node.op == "placeholder":
+                in_names.append(f"s{k}_{node.name}")
+                env[node] = graph.placeholder(in_names[-1])
+            elif node.op == "output":
+                outs += [env[o] for o in node.args[0]]
+                out_names += [f"s{k}_out{i}" for i in range(len(node.args[0]))]
+            else:
+                if node.op == "get_attr":
+                    attrs[node.target] = operator.attrgetter(node.target)(d.module)
+                env[node] = graph.node_copy(node, env.__getitem__)
+        example += d.example
+    graph.output(tuple(outs))
+    return GraphModule(attrs, graph), in_names, out_names, example
+
+
+def _write_onnx(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
+    """One exporter run over the union of the segments, then one file per segment.
+
+    The exporter's fixed cost per call (about a second: it rebuilds its op registry) dominates
+    small segments, so the segments are exported together and cut apart with ``onnx.utils``.
+    """
+    import onnx
+    import onnx.utils
+
+    union, in_names, out_names, example = _union(distinct)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "union.onnx"
+        try:
+            # optimize=False: onnxscript's rewriter is quadratic in graph size here (minutes for a
+            # tiny UNet); onnxruntime optimizes each segment when it opens it.
+            torch.onnx.export(torch.export.export(union, tuple(example), strict=False), (), str(path),
+                              dynamo=True, input_names=in_names, output_names=out_names, external_data=True,
+                              verbose=False, optimize=False)
+        except Exception as exc:
+            raise DistrifxError(f"torch.onnx.export failed on the compute segments: {type(exc).__name__}: {exc}\n"
+                                "format='pt2' stores the same program with torch.export.") from exc
+        model = onnx.load(str(path))
+    extractor = onnx.utils.Extractor(model)
+    layout: dict[str, dict[str, Any]] = {}
+    for k, d in enumerate(distinct):
+        ins = [name for name in in_names if name.startswith(f"s{k}_")]
+        outs = [name for name in out_names if name.startswith(f"s{k}_out")]
+        piece = extractor.extract_model(ins, outs)
+        external = sum(len(t.raw_data) for t in piece.graph.initializer) > _ONNX_INLINE_LIMIT
+        onnx.save_model(piece, str(out / d.file), save_as_external_data=external,
+                        location=Path(d.file).name + ".data" if external else None)
+        layout[d.file] = {"inputs": ins, "outputs": outs}
+    return layout
+
+
+_WRITERS: dict[str, Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]] = {
+    "pt2": _write_pt2,
+    "onnx": _write_onnx,
+}
+
+
+# -- the program as JSON ------------------------------------------------------------------------
+def _literal(value: object, where: str) -> object:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise DistrifxError(f"{where}: cannot store {value!r} ({type(value).__name__}) in the manifest")
+
+
+def _program(split: GraphModule, files: Mapping[str, str]) -> dict[str, Any]:
+    """The steps of a split rank graph: compute (file), collective start (op, args), wait."""
+    steps: list[dict[str, Any]] = []
+    inputs: list[str] = []
+    outputs: list[str] = []
+    for node in split.graph.nodes:
+        if node.op == "placeholder":
+            inputs.append(node.name)
+        elif is_segment(node):
+            results = {user.args[1]: user.name for user in node.users}
+            steps.append({"op": "compute", "file": files[str(node.target)],
+                          "inputs": [a.name for a in node.args], "outputs": [results[i] for i in range(len(results))]})
+        elif ops.is_start(node) or ops.is_wait(node):
+            bound = inspect.signature(node.target).bind(*node.args, **node.kwargs).arguments
+            tensors = {k: v.name for k, v in bound.items() if isinstance(v, Node) and v.name != inputs[0]}
+            statics = {k: _literal(v, node.name) for k, v in bound.items() if not isinstance(v, Node)}
+            steps.append({"op": node.target.__name__, "inputs": tensors, "args": statics, "outputs": [node.name]})
+        elif node.op == "output":
+            outputs = [o.name for o in node.args[0]]
+        elif not (node.op == "call_function" and node.target is operator.getitem and is_segment(node.args[0])):
+            raise DistrifxError(f"cannot export node {node.format_node()}: only segments and collectives are stored")
+    sig: RankSignature = split.meta[META_SIGNATURE]
+    return {"inputs": inputs, "outputs": outputs, "steps": steps, "signature": dataclasses.asdict(sig)}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _distinct_segments(splits: list[dict[str, GraphModule]], phases: tuple[str, ...], examples: _Examples,
+                       format: str) -> tuple[list[_Distinct], dict[tuple[int, str], dict[str, str]]]:
+    """The files to write (one per distinct segment) and, per (rank, phase), each segment's file."""
+    files: dict[tuple, str] = {}  # distinct-segment key -> file
+    segment_files: dict[tuple[int, str], dict[str, str]] = {}
+    distinct: list[_Distinct] = []
+    for rank, graphs in enumerate(splits):
+        for phase in phases:
+            for name, segment in segments(graphs[phase]):
+                key = examples.keys[(rank, phase, name)]
+                if key not in files:
+                    files[key] = f"{SEGMENT_DIR}/{len(distinct):03d}.{format}"
+                    origin = f"rank {rank}, phase {phase}, {name}"
+                    distinct.append(_Distinct(files[key], origin, segment, examples.inputs[key][1]))
+                segment_files.setdefault((rank, phase), {})[name] = files[key]
+    return distinct, segment_files
+
+
+def _input_signature(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """What the loaded module checks calls against, and how it binds arguments by name."""
+    flat, in_spec = tree_flatten((args, kwargs))
+    names = [path for path, _ in _leaf_paths(list(inspect.signature(model.forward).parameters), args, kwargs)]
+    return {
+        "positional": _positional_names(model, len(args)),
+        "keywords": list(kwargs),
+        "names": names,
+        "leaves": [_describe(leaf) for leaf in flat],
+        "timestep": names.index("timestep") if "timestep" in names else None,  # as ParallelModule finds it
+        "in_spec": treespec_dumps(in_spec),
+    }
+
+
+def _prepare(out: Path) -> None:
+    """Make ``out`` an empty export directory; only a previous export's own files are replaced."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / MANIFEST).is_file():
+            raise ConfigError(f"{out} is not empty and holds no {MANIFEST}: choose a new directory for the export.")
+        shutil.rmtree(out / SEGMENT_DIR, ignore_errors=True)
+        (out / MANIFEST).unlink()
+    (out / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def export(
+    model: nn.Module,
+    out_dir: str | os.PathLike,
+    world_size: int,
+    *,
+    args: tuple = (),
+    kwargs: dict | None = None,
+    mode: Mode | Literal["sync", "stale", "naive"] = "stale",
+    warmup_steps: int = 4,
+    gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
+    kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
+    format: Literal["pt2", "onnx"] = "pt2",
+) -> Path:
+    """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
+
+    Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant`` and
+    ``kv_exchange`` are those of :func:`distrifx.parallelize`. The files are specialized to the
+    shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``; the batch is not split
+    (no CFG parallelism). Load them on each rank with :func:`load`.
+
+    Example:
+        >>> distrifx.export(unet, "unet-2r", 2, args=(x, t), kwargs={"encoder_hidden_states": ctx},
+        ...                 mode="stale", format="onnx")                          # doctest: +SKIP
+        PosixPath('unet-2r/manifest.json')
+    """
+    import distrifx
+
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r} is not valid; choose one of {FORMATS} (TensorRT is not implemented yet).")
+    if format == "onnx":
+        _require("distrifx.export(format='onnx')", "onnx", "onnxscript")
+    out = Path(out_dir)
+    _prepare(out)
+    kwargs = dict(kwargs or {})
+    config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
+                            kv_exchange=kv_exchange, cfg_parallel=False)
+    model = model.eval()
+    captured = capture(model, tuple(args), kwargs)
+    flat, _ = tree_flatten((tuple(args), kwargs))
+    if format == "onnx" and any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in flat):
+        raise ConfigError("format='onnx' runs on onnxruntime's CPU provider: export with CPU inputs and model, "
+                          "or use format='pt2', which keeps the device.")
+    phases = phases_for(config.mode)
+    name = type(model).__name__
+    splits = [
+        {phase: split_segments(gm) for phase, gm in build_program(captured, config, rank, name).graphs.items()}
+        for rank in range(world_size)
+    ]
+    examples = _record_examples(splits, captured.out_spec, flat, phases)
+
+    distinct, segment_files = _distinct_segments(splits, phases, examples, format)
+    layout = _WRITERS[format](distinct, out)
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "format": format,
+        "distrifx_version": distrifx.__version__,
+        "torch_version": torch.__version__,
+        "model": name,
+        "world_size": world_size,
+        "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
+                    "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value},
+        "inputs": _input_signature(model, tuple(args), kwargs),
+        "out_spec": treespec_dumps(captured.out_spec),
+        "segments": layout,
+        "ranks": [
+            {phase: _program(graphs[phase], segment_files[(rank, phase)]) for phase in phases}
+            for rank, graphs in enumerate(splits)
+        ],
+        "files": {str(p.relative_to(out)): _sha256(p) for p in sorted((out / SEGMENT_DIR).iterdir())},
+    }
+    path = out / MANIFEST
+    path.write_text(json.dumps(manifest, indent=1))
+    return path
+
+
+
+# -- loading -------------------------------------------------------------------------------------
+def _read_manifest(out: Path) -> dict[str, Any]:
+    path = out / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{path} does not exist: {out} is not a distrifx export directory "
+                            "(write one with distrifx.export(...)).")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path} is not valid JSON ({exc}); export again.") from exc
+    if manifest.get("manifest_version") != MANIFEST_VERSION or manifest.get("format") not in FORMATS:
+        raise ArtifactError(
+            f"{path} is manifest version {manifest.get('manifest_version')!r}, format {manifest.get('format')!r}; "
+            f"this distrifx reads version {MANIFEST_VERSION}, formats {FORMATS}. Export again with this distrifx."
+        )
+    return manifest
+
+
+def _major_minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ArtifactError(f"cannot read the version {version!r} in the manifest; export again.")
+    return int(match[1]), int(match[2])
+
+
+def _check_versions(manifest: Mapping[str, Any], out: Path) -> None:
+    import distrifx
+
+    for package, exported, here in (("distrifx", manifest["distrifx_version"], distrifx.__version__),
+                                    ("torch", manifest["torch_version"], torch.__version__)):
+        if _major_minor(exported) != _major_minor(here):
+            wanted = "%d.%d" % _major_minor(exported)
+            raise ArtifactError(
+                f"{out} was exported with {package} {exported} but this process runs {package} {here}: "
+                f"stored programs load only under the {package} major.minor version that wrote them. "
+                f"Export again here (distrifx.export) or install {package}=={wanted}.*."
+            )
+
+
+def _check_files(manifest: Mapping[str, Any], out: Path) -> None:
+    for name, digest in manifest["files"].items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ArtifactError(f"{out / MANIFEST} lists {name!r}, which is outside the export directory; "
+                                "export again.")
+        path = out / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing (listed in {out / MANIFEST}): copy the whole export "
+                                "directory, or export again.")
+        actual = _sha256(path)
+        if actual != digest:
+            raise ArtifactError(f"{path} changed since it was exported (sha256 {actual[:16]}..., the manifest "
+                                f"says {digest[:16]}...): restore the file or export again.")
+
+
+def _load_communicator(process_group: Any, config: ParallelConfig, out: Path) -> Communicator:
+    if isinstance(process_group, Communicator):
+        size = process_group.world_size
+    elif dist.is_available() and dist.is_initialized():
+        size = dist.get_world_size(process_group)
+    else:
+        raise ProcessGroupError(
+            "distrifx.load needs an initialised torch.distributed process group: run under torchrun and "
+            "call torch.distributed.init_process_group first, or pass process_group=... (a group from "
+            "distrifx.simulate for one process)."
+        )
+    if size != config.world_size:
+        raise ProcessGroupError(
+            f"{out} was exported for world_size={config.world_size} but the process group has {size} ranks: "
+            f"launch {config.world_size} processes (torchrun --nproc-per-node {config.world_size}) or export "
+            f"again with world_size={size}."
+        )
+    return _communicator(process_group, config)
+
+
+def _spec_types(node: Any) -> set[str]:
+    """Every pytree node type named in a serialized spec (``treespec_dumps`` JSON)."""
+    if not isinstance(node, dict):
+        return set()
+    names = {node["type"]} if node.get("type") else set()
+    return names.union(*(_spec_types(child) for child in node.get("children_spec", [])))
+
+
+def _load_spec(text: str, what: str) -> TreeSpec:
+    missing = sorted(t for t in _spec_types(json.loads(text)[1]) if t not in SERIALIZED_TYPE_TO_PYTHON_TYPE)
+    if missing:
+        modules = sorted({t.rsplit(".", 1)[0] for t in missing})
+        raise ArtifactError(
+            f"the model's {what} types {missing} are not registered with torch's pytree in this process: "
+            f"import {', '.join(modules)} (the modules that define them) before distrifx.load."
+        )
+    return treespec_loads(text)
+
+
+class _OnnxSegment:
+    """One ONNX segment in an onnxruntime session on the CPU: tensors in, tensors out."""
+
+    def __init__(self, path: Path, inputs: list[str], outputs: list[str]) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        # As many threads as torch uses in this rank: ranks on one machine share its cores.
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.inputs, self.outputs = inputs, outputs
+
+    def __call__(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        feeds = {name: v.detach().contiguous().numpy() for name, v in zip(self.inputs, values)}
+        return tuple(torch.from_numpy(a) for a in self.session.run(self.outputs, feeds))
+
+
+def _open_segment(path: Path, digest: str, format: str, layout: Mapping[str, Any] | None) -> Callable[..., tuple]:
+    """The runnable segment in ``path``; simulated ranks of one process share it (it is stateless)."""
+    key = (str(path.resolve()), digest)
+    with _LOAD_LOCK:
+        if (segment := _OPENED.get(key)) is None:
+            if format == "onnx":
+                if layout is None:
+                    raise ArtifactError(f"the manifest has no input/output names for {path}; export again.")
+                segment = _OnnxSegment(path, layout["inputs"], layout["outputs"])
+            else:
+                segment = torch.export.load(str(path)).module()
+            _OPENED[key] = segment
+        return segment
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One stored step: a segment (positional inputs) or a collective (keyword inputs and args)."""
+
+    fn: Callable[..., Any]
+    inputs: tuple[str, ...]
+    keywords: tuple[str, ...] | None  # None: a compute segment
+    args: Mapping[str, Any]
+    outputs: tuple[str, ...]
+    takes_comm: bool
+
+
+class _StoredGraph(nn.Module):
+    """A rank's phase program read from the manifest; called like the per-rank GraphModule."""
+
+    def __init__(self, inputs: list[str], steps: list[_Step], outputs: list[str], signature: RankSignature) -> None:
+        super().__init__()
+        self.inputs, self.steps, self.outputs = tuple(inputs), steps, tuple(outputs)
+        self.meta = {META_SIGNATURE: signature}
+        defined = set(self.inputs)
+        last_use: dict[str, int] = {}
+        for index, step in enumerate(steps):
+            unknown = [v for v in step.inputs if v not in defined]
+            if unknown:
+                raise ArtifactError(f"malformed program: step {index} reads {unknown} before they are computed; "
+                                    "export again.")
+            defined.update(step.outputs)
+            last_use.update((v, index) for v in step.inputs)
+        if missing := [v for v in self.outputs if v not in defined]:
+            raise ArtifactError(f"malformed program: outputs {missing} are never computed; export again.")
+        # Drop each intermediate after its last reader, as the generated FX code does.
+        self.release: list[list[str]] = [[] for _ in steps]
+        for value, index in last_use.items():
+            if value not in self.outputs:
+                self.release[index].append(value)
+
+    def forward(self, comm: Communicator, *values: Any) -> tuple:
+        env = dict(zip(self.inputs, (comm, *values)))
+        for step, dead in zip(self.steps, self.release):
+            args = [env[v] for v in step.inputs]
+            if step.keywords is None:
+                results = step.fn(*args)
+            else:
+                extra = {"comm": comm} if step.takes_comm else {}
+                results = (step.fn(**extra, **dict(zip(step.keywords, args)), **step.args),)
+            env.update(zip(step.outputs, results))
+            for value in dead:
+                del env[value]
+        return tuple(env[v] for v in self.outputs)
+
+
+def _stored_graph(program: Mapping[str, Any], manifest: Mapping[str, Any], out: Path,
+                  opened: dict[str, Callable[..., tuple]]) -> _StoredGraph:
+    steps = []
+    for step in program["steps"]:
+        op = step["op"]
+        if op == "compute":
+            file = step["file"]
+            if file not in manifest["files"]:
+                raise ArtifactError(f"the program uses {file}, which the manifest does not list; export again.")
+            if file not in opened:
+                opened[file] = _open_segment(out / file, manifest["files"][file], manifest["format"],
+                                             manifest["segments"].get(file))
+            steps.append(_Step(opened[file], tuple(step["inputs"]), None, {}, tuple(step["outputs"]), False))
+        elif op in _COLLECTIVES:
+            fn = _COLLECTIVES[op]
+            steps.append(_Step(fn, tuple(step["inputs"].values()), tuple(step["inputs"]), step["args"],
+                               tuple(step["outputs"]), "comm" in inspect.signature(fn).parameters))
+        else:
+            raise ArtifactError(f"unknown step {op!r} in the manifest; this distrifx runs {sorted(_COLLECTIVES)} "
+                                "and compute steps. Export again with this distrifx.")
+    sig = program["signature"]
+    signature = RankSignature(sig["num_user_inputs"], sig["num_user_outputs"], tuple(sig["state_in"]),
+                              tuple(sig["state_out"]))
+    return _StoredGraph(program["inputs"], steps, program["outputs"], signature)
+
+
+class ExportedModule(nn.Module):
+    """A stored program on this rank: called like the exported model, returns what it returned.
+
+    Steps and phases are tracked like :class:`~distrifx.runtime.module.ParallelModule`: a new
+    generation starts when the timestep stops decreasing or on :meth:`reset`; stale mode runs the
+    warm-up graph for ``warmup_steps`` calls, then the stale graph with the state it carries.
+
+    Example:
+        >>> unet = distrifx.load("unet-2r")                                       # doctest: +SKIP
+        >>> for t in timesteps:
+        ...     noise = unet(latents, t, encoder_hidden_states=ctx).sample
+        >>> unet.last_phase
+        'stale'
+    """
+
+    def __init__(self, directory: Path, inputs: Mapping[str, Any], in_spec: TreeSpec, config: ParallelConfig,
+                 comm: Communicator, program: RankProgram) -> None:
+        super().__init__()
+        self.directory = directory
+        self.parallel_config = config
+        self.comm = comm
+        self.program = program
+        self.steps = StepTracker()
+        self._state: dict[str, torch.Tensor] = {}
+        self._inputs = inputs
+        self._in_spec = in_spec
+        self.last_phase: str | None = None
+        self.last_stats = CommStats()
+
+    def reset(self) -> None:
+        """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
+        self.steps.reset()
+        self._state.clear()
+
+    def _arrange(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The call in the exported structure: positional and keyword arguments bound by name."""
+        positional, keywords = self._inputs["positional"], self._inputs["keywords"]
+        if positional is None:  # a forward(*args) model: only the exported structure is known
+            return args, kwargs
+        if len(args) > len(positional):
+            raise InputSignatureError(f"{len(args)} positional arguments given; {self.directory} was exported "
+                                      f"with {len(positional)} ({positional}).")
+        named = dict(zip(positional, args))
+        if twice := sorted(named.keys() & kwargs.keys()):
+            raise InputSignatureError(f"arguments {twice} were given both by position and by keyword.")
+        named.update(kwargs)
+        expected = positional + keywords
+        missing = [n for n in expected if n not in named]
+        extra = [n for n in named if n not in expected]
+        if missing or extra:
+            raise InputSignatureError(
+                f"{self.directory} was exported for a call with the arguments {expected}; missing {missing}, "
+                f"unexpected {extra}. Call it with exactly those, or export again with the new arguments."
+            )
+        return tuple(named[n] for n in positional), {n: named[n] for n in keywords}
+
+    def _flat_inputs(self, args: tuple, kwargs: dict) -> list[Any]:
+        flat, spec = tree_flatten(self._arrange(args, kwargs))
+        if spec != self._in_spec:
+            raise InputSignatureError(f"the inputs are structured differently from the exported call: expected "
+                                      f"{self._in_spec}, got {spec}.")
+        for name, leaf, want in zip(self._inputs["names"], flat, self._inputs["leaves"]):
+            got = _describe(leaf)
+            if got != want:
+                raise InputSignatureError(
+                    f"input {name!r}: {self.directory} was exported for {_spell(want)}, got {_spell(got)}. "
+                    "A stored program is specialized to its input shapes and dtypes: export again with "
+                    "inputs like these (distrifx.export(..., args=..., kwargs=...))."
+                )
+        return flat
+
+    @torch.no_grad()
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        flat = self._flat_inputs(args, kwargs)
+        index = self._inputs["timestep"]
+        new_generation = self.steps.advance(flat[index] if index is not None else None, self._in_spec)
+        if new_generation:
+            self._state.clear()
+        config = self.parallel_config
+        phase = select_phase(config.mode, config.warmup_steps, self.steps.step, new_generation, bool(self._state))
+        self.comm.stats.reset()
+        outputs, self._state = self.program.run(phase, self.comm, flat, self._state)
+        self.last_phase = phase
+        self.last_stats = dataclasses.replace(self.comm.stats)
+        return tree_unflatten(outputs, self.program.out_spec)
+
+
+def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float = 300.0) -> ExportedModule:
+    """This rank's stored program from :func:`export`'s ``out_dir``, ready to call like the model.
+
+    Call on every rank (``process_group`` as in :func:`distrifx.parallelize`; a group from
+    :func:`distrifx.simulate` works). Refuses, before running anything, a world size other than the
+    exported one, a missing or changed file, another distrifx or torch major.minor version; calls
+    with other input shapes or dtypes are refused by the module.
+
+    Example:
+        >>> unet = distrifx.load("unet-2r")                                       # doctest: +SKIP
+        >>> out = unet(x, t, encoder_hidden_states=ctx).sample
+    """
+    out = Path(out_dir)
+    manifest = _read_manifest(out)
+    try:
+        _check_versions(manifest, out)
+        _check_files(manifest, out)
+        if manifest["format"] == "onnx":
+            _require("distrifx.load of an ONNX export", "onnxruntime")
+        options = manifest["options"]
+        config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
+                                warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
+                                kv_exchange=options["kv_exchange"], cfg_parallel=False, timeout_s=timeout_s)
+        in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
+        out_spec = _load_spec(manifest["out_spec"], "output")
+        comm = _load_communicator(process_group, config, out)
+        opened: dict[str, Callable[..., tuple]] = {}
+        graphs = {phase: _stored_graph(program, manifest, out, opened)
+                  for phase, program in manifest["ranks"][comm.rank].items()}
+        return ExportedModule(out, manifest["inputs"], in_spec, config, comm, RankProgram(graphs, out_spec))
+    except KeyError as exc:
+        raise ArtifactError(f"{out / MANIFEST} lacks the entry {exc}; it was not written by this distrifx. "
+                            "Export again.") from exc

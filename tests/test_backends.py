@@ -1,0 +1,101 @@
+"""Compute segments between collectives, and the inductor backend that compiles them."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+from torch._dynamo.eval_frame import OptimizedModule
+
+import distrifx
+from distrifx.backends import apply_backend, is_collective, is_segment, segments, split_segments
+from distrifx.capture import capture
+from distrifx.config import Backend, ParallelConfig
+from distrifx.models import random_unet, unet_inputs
+from distrifx.passes import META_SIGNATURE, collective_order
+from distrifx.runtime.ops import is_start
+from distrifx.runtime.program import RankProgram, build_program
+from tests import export_workers
+
+
+@pytest.fixture(scope="module")
+def stale_programs():
+    """Both ranks' warm-up and stale graphs of the tiny SD 1.5 UNet, and its flat inputs."""
+    unet = random_unet("sd15")
+    args, kwargs = unet_inputs(unet)
+    captured = capture(unet, args, kwargs)
+    config = ParallelConfig(world_size=2, mode="stale", warmup_steps=1)
+    programs = [build_program(captured, config, rank, "UNet") for rank in range(2)]
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    return programs, flat
+
+
+def _compute_runs(gm: torch.fx.GraphModule) -> int:
+    """Maximal runs of compute nodes between collectives, counted on the unsplit graph."""
+    runs, in_run = 0, False
+    for node in gm.graph.nodes:
+        compute = node.op in ("call_function", "call_method") and not is_collective(node) and node.target is not getattr
+        runs += compute and not in_run
+        in_run = compute or (in_run and not is_collective(node))
+    return runs
+
+
+@pytest.mark.parametrize("phase", ["warmup", "stale"])
+def test_split_alternates_compute_segments_and_collectives(stale_programs, phase):
+    programs, _ = stale_programs
+    gm = programs[0].graphs[phase]
+    code = gm.code
+    split = split_segments(gm)
+    assert gm.code == code  # pure: the rank graph is untouched
+    assert len(segments(split)) == _compute_runs(gm) > 10
+    assert collective_order(split) == collective_order(gm)
+    assert split.meta[META_SIGNATURE] == gm.meta[META_SIGNATURE]
+    comm = next(iter(split.graph.nodes))
+    for node in split.graph.nodes:
+        assert node.op in ("placeholder", "output") or is_segment(node) or is_collective(node) or (
+            node.target is operator.getitem and is_segment(node.args[0])), node.format_node()
+        if is_segment(node):  # neither the communicator nor an in-flight Work enters a segment
+            assert comm not in node.args and not any(is_start(a) for a in node.args)
+    for _, segment in segments(split):
+        assert not any(is_collective(n) for n in segment.graph.nodes)
+        assert "comm" not in [n.name for n in segment.graph.nodes if n.op == "placeholder"]
+
+
+def test_split_graphs_give_the_same_outputs_on_the_simulated_runtime(stale_programs):
+    programs, flat = stale_programs
+    splits = [RankProgram({p: split_segments(g) for p, g in prog.graphs.items()}, prog.out_spec) for prog in programs]
+
+    def run(group, ranks):
+        state, outputs = {}, []
+        with torch.no_grad():
+            for phase in ("warmup", "stale"):
+                out, state = ranks[group.rank].run(phase, group, flat, state)
+                outputs.append((out, state))
+        return outputs
+
+    original = distrifx.simulate(lambda g: run(g, programs), 2)
+    recombined = distrifx.simulate(lambda g: run(g, splits), 2)
+    for rank_a, rank_b in zip(original, recombined):
+        for (out_a, state_a), (out_b, state_b) in zip(rank_a, rank_b):
+            assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
+            assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_inductor_compiles_only_the_segments_and_keeps_the_collective_order(stale_programs):
+    programs, _ = stale_programs
+    gm = programs[0].graphs["stale"]
+    compiled = apply_backend(gm, Backend.INDUCTOR)  # lazy: nothing compiles until called
+    assert compiled.meta[META_SIGNATURE] == gm.meta[META_SIGNATURE]
+    assert collective_order(compiled) == collective_order(gm)
+    compiled_segments = [compiled.get_submodule(str(n.target)) for n in compiled.graph.nodes if is_segment(n)]
+    assert len(compiled_segments) == _compute_runs(gm)
+    assert all(isinstance(s, OptimizedModule) for s in compiled_segments)
+    assert apply_backend(gm, Backend.EAGER) is gm
+
+
+def test_inductor_backend_equals_eager_in_sync_mode_on_gloo_ranks():
+    ranks = distrifx.launch(export_workers.inductor_vs_eager, 2, threads_per_rank=1, timeout_s=600, all_ranks=True)
+    for to_model, to_eager, num_segments, compiled_graphs in ranks:
+        assert to_model < 1e-5 and to_eager < 1e-5
+        assert compiled_graphs == num_segments > 10  # every segment compiled as one graph (fullgraph)
