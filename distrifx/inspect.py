@@ -69,7 +69,7 @@ class Plan:
             out.append(
                 f"\n[{phase}] {len(sites)} exchanges: "
                 + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
-                + f" | forms: " + ", ".join(f"{k} x{v}" for k, v in sorted(forms.items()))
+                + " | forms: " + ", ".join(f"{k} x{v}" for k, v in sorted(forms.items()))
                 + f" | sent by this rank per step: {self.bytes_per_step(phase) / 2**20:.3f} MiB"
             )
             for s in sites:

@@ -14,7 +14,7 @@ from torch.fx.proxy import GraphAppendingTracer, Proxy
 from distrifx.config import GNVariant
 from distrifx.errors import module_path
 from distrifx.passes.manager import PassContext, Phase
-from distrifx.passes.spec import Placement, Replicate, Shard
+from distrifx.passes.spec import Placement, Shard
 from distrifx.runtime import ops
 
 __all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes"]

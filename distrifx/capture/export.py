@@ -12,7 +12,6 @@ import threading
 import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch.export import ExportedProgram

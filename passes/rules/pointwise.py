@@ -14,7 +14,7 @@ from distrifx.passes.rules.registry import (
     sharded_inputs,
     tensor_args,
 )
-from distrifx.passes.spec import Decision, Placement, Replicate, Shard
+from distrifx.passes.spec import Decision, Placement, Replicate
 
 __all__ = ["pointwise", "POINTWISE_OPS"]
 

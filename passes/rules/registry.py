@@ -21,7 +21,7 @@ from torch._ops import OpOverload, OpOverloadPacket
 from torch.fx import Node
 
 from distrifx.errors import ShapeError, ShardingError, where
-from distrifx.passes.spec import META_PLACEMENT, Decision, Placement, PlacementTree, Replicate, Shard
+from distrifx.passes.spec import META_PLACEMENT, Decision, PlacementTree, Shard
 
 __all__ = [
     "RuleContext",
@@ -141,10 +141,3 @@ def sharded_inputs(node: Node) -> list[tuple[Node, Shard]]:
     """The tensor arguments of ``node`` that are sharded, with their placement."""
     return [(a, p) for a in tensor_args(node) if isinstance(p := placement_of(a), Shard)]
 
-
-def is_replicated(arg: Any) -> bool:
-    return isinstance(placement_of(arg), Replicate)
-
-
-def single(placement: Placement) -> Decision:
-    return Decision(output=placement)
