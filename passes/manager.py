@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch.fx import GraphModule
@@ -40,7 +40,6 @@ class PassContext:
     gn_variant: GNVariant = GNVariant.CORRECTED
     kv_exchange: KVExchange = KVExchange.AUTO
     name: str = "graph"
-    records: dict = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ __all__ = ["ParallelModule", "PIPELINE_ATTRIBUTES"]
 # the wrapped model; anything else is at ``pmodel.module``.
 PIPELINE_ATTRIBUTES = frozenset({
     "config", "dtype", "device", "add_embedding", "encoder_hid_proj", "cache_context",
-    "time_embedding", "time_proj", "dtype", "_hf_hook",
+    "time_embedding", "time_proj", "_hf_hook",
 })
 
 
