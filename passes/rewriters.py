@@ -65,7 +65,7 @@ def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) 
         before, after = rw.before, max(rw.after, 0)
         x_in = own
         if before or after:
-            row_bytes = _row_bytes(node.args[0], rw.dim, b.ctx.world_size)
+            row_bytes = _row_bytes(node.args[0], rw.dim)
             now, stale = b.exchange(f"halo_{node.name}", "halo", ops.neighbour_rows_start,
                                     (x, rw.dim, before, after), row_bytes * (before + after))
             rows = now if now is not None else stale
@@ -77,7 +77,8 @@ def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) 
     return b.call(aten.conv2d.default, (x_in, w, bias, stride, [0, padding[1]], dilation, groups))
 
 
-def _row_bytes(x: Node, dim: int, world_size: int) -> int:
+def _row_bytes(x: Node, dim: int) -> int:
+    """Bytes of one row of ``x`` along ``dim`` (one halo row sent to a neighbour)."""
     val = x.meta["val"]
     return val.numel() // val.shape[dim] * val.element_size()
 
