@@ -83,7 +83,7 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
                 "bytes_sent": stats.bytes_sent if stats else 0,
                 "phase": pmodel.last_phase if pmodel is not None else "eager",
             })
-    state_bytes = sum(t.numel() * t.element_size() for t in pmodel._state.values()) if pmodel is not None else 0
+    state_bytes = pmodel.generation.state_bytes if pmodel is not None else 0
     return {
         "rank": 0 if case.projected else dist.get_rank(),
         "steps": steps,

@@ -60,9 +60,8 @@ from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
 from distrifx.runtime.comm import CommStats, Communicator, SimulatedGroup
 from distrifx.runtime.module import _leaf_paths
-from distrifx.runtime.program import RankProgram, build_program, phases_for, select_phase
+from distrifx.runtime.program import Generation, RankProgram, build_program, phases_for
 from distrifx.runtime.simulate import simulate
-from distrifx.runtime.steps import StepTracker
 
 __all__ = ["export", "load", "ExportedModule", "ArtifactError", "InputSignatureError", "MANIFEST", "FORMATS"]
 
@@ -644,8 +643,7 @@ class ExportedModule(nn.Module):
         self.parallel_config = config
         self.comm = comm
         self.program = program
-        self.steps = StepTracker()
-        self._state: dict[str, torch.Tensor] = {}
+        self.generation = Generation(config.mode, config.warmup_steps)
         self._inputs = inputs
         self._in_spec = in_spec
         self.last_phase: str | None = None
@@ -653,8 +651,7 @@ class ExportedModule(nn.Module):
 
     def reset(self) -> None:
         """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
-        self.steps.reset()
-        self._state.clear()
+        self.generation.reset()
 
     def _arrange(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The call in the exported structure: positional and keyword arguments bound by name."""
@@ -697,13 +694,9 @@ class ExportedModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self._flat_inputs(args, kwargs)
         index = self._inputs["timestep"]
-        new_generation = self.steps.advance(flat[index] if index is not None else None, self._in_spec)
-        if new_generation:
-            self._state.clear()
-        config = self.parallel_config
-        phase = select_phase(config.mode, config.warmup_steps, self.steps.step, new_generation, bool(self._state))
+        phase = self.generation.next_phase(flat[index] if index is not None else None, self._in_spec)
         self.comm.stats.reset()
-        outputs, self._state = self.program.run(phase, self.comm, flat, self._state)
+        outputs = self.generation.run(self.program, phase, self.comm, flat)
         self.last_phase = phase
         self.last_stats = dataclasses.replace(self.comm.stats)
         return tree_unflatten(outputs, self.program.out_spec)

@@ -184,7 +184,7 @@ def test_loaded_module_refuses_inputs_it_was_not_exported_for(model, rank0, chan
     bad_args, bad_kwargs = change(args, kwargs)
     with pytest.raises(InputSignatureError, match=message):
         rank0(*bad_args, **bad_kwargs)
-    assert rank0.steps.step == 0 and rank0.last_phase is None  # refused before anything ran
+    assert rank0.generation.steps.step == 0 and rank0.last_phase is None  # refused before anything ran
 
 
 def test_loaded_module_takes_keyword_arguments_for_positional_ones(model, exported):

@@ -11,15 +11,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
+from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_with_path, tree_unflatten
 
 from distrifx.capture import capture, signature_key
 from distrifx.config import ParallelConfig
 from distrifx.errors import DistrifxError
 from distrifx.runtime.cfg import CfgSplit, batch_size, wants_split
 from distrifx.runtime.comm import CommStats, Communicator
-from distrifx.runtime.program import RankProgram, build_program, select_phase
-from distrifx.runtime.steps import StepTracker
+from distrifx.runtime.program import Generation, RankProgram, build_program
 
 __all__ = ["ParallelModule", "PIPELINE_ATTRIBUTES"]
 
@@ -63,12 +62,12 @@ class ParallelModule(nn.Module):
         self.module = model
         self.parallel_config = config
         self.comm = comm
-        self.steps = StepTracker()
+        self.generation = Generation(config.mode, config.warmup_steps)
         self._programs: dict[Hashable, RankProgram] = {}
-        self._state: dict[str, torch.Tensor] = {}
         self._cfg: CfgSplit | None = None
         self.build_seconds = 0.0  # capture + passes, summed over input signatures
-        self._timestep_param = "timestep" if "timestep" in inspect.signature(model.forward).parameters else None
+        self._signature = inspect.signature(model.forward)
+        self._timestep_param = "timestep" if "timestep" in self._signature.parameters else None
         self.last_phase: str | None = None
         self.last_stats = CommStats()
 
@@ -85,17 +84,15 @@ class ParallelModule(nn.Module):
 
     def reset(self) -> None:
         """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
-        self.steps.reset()
-        self._state.clear()
+        self.generation.reset()
 
     def _cfg_split(self) -> CfgSplit:
         if self._cfg is None:
             self._cfg = CfgSplit.create(self.comm)
         return self._cfg
 
-    def _localize(self, args: tuple, kwargs: dict) -> _Call:
+    def _localize(self, args: tuple, kwargs: dict, flat: list[Any], spec: TreeSpec) -> _Call:
         """This rank's share of a call: the batch half under CFG parallelism, else everything."""
-        flat, spec = tree_flatten((args, kwargs))
         batch = batch_size(flat)
         if not wants_split(self.parallel_config.cfg_parallel, self.comm.world_size, batch):
             return _Call(self.comm, None, flat, args, kwargs, batch)
@@ -116,32 +113,27 @@ class ParallelModule(nn.Module):
 
     def program(self, *args: Any, **kwargs: Any) -> RankProgram:
         """This rank's program for these inputs (captured and built on first use)."""
-        return self._program(self._localize(args, kwargs))[1]
+        return self._program(self._localize(args, kwargs, *tree_flatten((args, kwargs))))[1]
 
     def _timestep(self, args: tuple, kwargs: dict) -> object:
         if self._timestep_param is None:
             return None
         try:
-            bound = inspect.signature(self.module.forward).bind_partial(*args, **kwargs)
+            bound = self._signature.bind_partial(*args, **kwargs)
         except TypeError:
             return None
         return bound.arguments.get(self._timestep_param)
 
-    def _phase(self, new_generation: bool) -> str:
-        config = self.parallel_config
-        return select_phase(config.mode, config.warmup_steps, self.steps.step, new_generation, bool(self._state))
-
-    def _check_same_inputs(self, args: tuple, kwargs: dict) -> None:
+    def _check_same_inputs(self, flat: list[Any], args: tuple, kwargs: dict) -> None:
         """Fail loudly if ranks were given different inputs (a different seed on one rank)."""
-        leaves, _ = tree_flatten((args, kwargs))
-        tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
         if self.comm.world_size == 1 or not tensors:
             return
         mine = torch.stack([torch.stack([x.double().sum(), x.double().abs().sum()]) for x in tensors])
         everyone = self.comm.all_gather(mine.unsqueeze(0), 0).wait()
         differs = (everyone != everyone[0]).flatten(2).any(-1).any(0)
         if differs.any():
-            params = list(inspect.signature(self.module.forward).parameters)
+            params = list(self._signature.parameters)
             names = [path for path, leaf in _leaf_paths(params, args, kwargs) if isinstance(leaf, torch.Tensor)]
             bad = [names[i] for i in differs.nonzero().flatten().tolist()]
             raise DistrifxError(
@@ -152,17 +144,15 @@ class ParallelModule(nn.Module):
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        self._check_same_inputs(args, kwargs)
-        call = self._localize(args, kwargs)
+        flat, spec = tree_flatten((args, kwargs))
+        self._check_same_inputs(flat, args, kwargs)
+        call = self._localize(args, kwargs, flat, spec)
         key, program = self._program(call)
-        new_generation = self.steps.advance(self._timestep(args, kwargs), key)
-        if new_generation:
-            self._state.clear()
-        phase = self._phase(new_generation)
+        phase = self.generation.next_phase(self._timestep(args, kwargs), key)
         comms = [call.comm] + ([call.cfg.pair] if call.cfg is not None else [])
         for comm in comms:
             comm.stats.reset()
-        outputs, self._state = program.run(phase, call.comm, call.flat, self._state)
+        outputs = self.generation.run(program, phase, call.comm, call.flat)
         if call.cfg is not None:
             outputs = call.cfg.full_outputs(outputs, call.batch)
         self.last_phase = phase

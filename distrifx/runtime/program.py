@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Hashable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -14,8 +15,9 @@ from distrifx.capture import CapturedProgram
 from distrifx.config import Mode, ParallelConfig
 from distrifx.passes import META_SIGNATURE, META_SITES, PassContext, Phase, RankSignature, build_rank_graph
 from distrifx.runtime.comm import Communicator
+from distrifx.runtime.steps import StepTracker
 
-__all__ = ["RankProgram", "phases_for", "select_phase", "build_program"]
+__all__ = ["RankProgram", "Generation", "phases_for", "select_phase", "build_program"]
 
 
 def phases_for(mode: Mode) -> tuple[str, ...]:
@@ -37,6 +39,37 @@ def select_phase(mode: Mode, warmup_steps: int, step: int, new_generation: bool,
     if new_generation or step < warmup_steps or not has_state:
         return Phase.WARMUP
     return Phase.STALE
+
+
+@dataclass
+class Generation:
+    """Where a rank is in a generation: its step count and the stale state carried between calls."""
+
+    mode: Mode
+    warmup_steps: int
+    steps: StepTracker = field(default_factory=StepTracker)
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
+        self.steps.reset()
+        self.state.clear()
+
+    def next_phase(self, timestep: object, key: Hashable) -> str:
+        """Record a call (``timestep``, input signature ``key``) and pick the graph it runs."""
+        new_generation = self.steps.advance(timestep, key)
+        if new_generation:
+            self.state.clear()
+        return select_phase(self.mode, self.warmup_steps, self.steps.step, new_generation, bool(self.state))
+
+    def run(self, program: RankProgram, phase: str, comm: Communicator, flat_inputs: list[Any]) -> list[Any]:
+        """Run ``phase`` with the carried state; keep the state it emits; return the user outputs."""
+        outputs, self.state = program.run(phase, comm, flat_inputs, self.state)
+        return outputs
+
+    @property
+    def state_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state.values())
 
 
 @dataclass(frozen=True)
