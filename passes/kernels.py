@@ -18,10 +18,17 @@ __all__ = [
 ]
 
 
-def group_stats(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """Per-(batch, group) ``[mean, biased var]`` of this rank's patch, shaped (1, B, G, 2), in fp32."""
-    var, mean = torch.var_mean(x.float().unflatten(1, (groups, -1)).flatten(2), -1, correction=0)
-    return torch.stack([mean, var], -1).unsqueeze(0)
+def group_stats(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+    """Per-(batch, group) ``[mean, biased var]`` of this rank's patch, shaped (1, B, G, 2), in fp32.
+
+    Taken from ``native_group_norm`` (its normalized output is unused): on CPU its vectorized
+    statistics are an order of magnitude faster than ``var_mean``. The variance comes back from
+    its ``rstd = (var + eps) ** -0.5``.
+    """
+    batch, channels = x.shape[:2]
+    _, mean, rstd = torch.ops.aten.native_group_norm(x.float(), None, None, batch, channels,
+                                                      x[0, 0].numel(), groups, eps)
+    return torch.stack([mean, rstd.square().reciprocal() - eps], -1).unsqueeze(0)
 
 
 def combine_group_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -87,7 +87,7 @@ def _row_bytes(x: Node, dim: int) -> int:
 def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs: dict) -> Node:
     x, groups = args[0], args[1]
     weight, bias, eps = (tuple(args[2:5]) + (None, None, 1e-5)[len(args) - 2:])[:3]
-    stats = b.trace(kernels.group_stats, x, groups)
+    stats = b.trace(kernels.group_stats, x, groups, eps)
     batch = global_shape(node)[0]
     nbytes = batch * groups * 2 * 4 * (b.ctx.world_size - 1)
     now, stale = b.exchange(f"gn_{node.name}", "gn", ops.all_gather_start, (stats, 0), nbytes)
