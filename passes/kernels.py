@@ -26,7 +26,7 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     its ``rstd = (var + eps) ** -0.5``.
     """
     batch, channels = x.shape[:2]
-    _, mean, rstd = torch.ops.aten.native_group_norm(x.float(), None, None, batch, channels,
+    _, mean, rstd = torch.ops.aten.native_group_norm(x.float().contiguous(), None, None, batch, channels,
                                                       x[0, 0].numel(), groups, eps)
     return torch.stack([mean, rstd.square().reciprocal() - eps], -1).unsqueeze(0)
 
