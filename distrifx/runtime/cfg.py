@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from distrifx.errors import ConfigError
-from distrifx.runtime.comm import Communicator
+from distrifx.runtime.comm import CommStats, Communicator
 
-__all__ = ["CfgSplit", "batch_size", "wants_split"]
+if TYPE_CHECKING:
+    from distrifx.runtime.program import Generation, RankProgram
+
+__all__ = ["CfgSplit", "LocalCall", "batch_half", "batch_size", "wants_split", "local_call"]
 
 
 @dataclass(frozen=True)
@@ -31,11 +35,7 @@ class CfgSplit:
 
     def local_inputs(self, flat: list[Any], batch: int) -> list[Any]:
         """This half of every input whose leading dim is the batch."""
-        half = batch // 2
-        return [
-            x.narrow(0, self.half * half, half) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch else x
-            for x in flat
-        ]
+        return batch_half(flat, batch, self.half)
 
     def full_outputs(self, flat: list[Any], batch: int) -> list[Any]:
         """Both halves of every output whose leading dim is the half batch, on every rank."""
@@ -43,6 +43,15 @@ class CfgSplit:
             self.pair.all_gather(x, 0).wait() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch // 2 else x
             for x in flat
         ]
+
+
+def batch_half(flat: list[Any], batch: int, half: int) -> list[Any]:
+    """Half ``half`` (0 or 1) of every input whose leading dim is ``batch``; other inputs as they are."""
+    size = batch // 2
+    return [
+        x.narrow(0, half * size, size) if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch else x
+        for x in flat
+    ]
 
 
 def batch_size(flat: list[Any]) -> int | None:
@@ -60,3 +69,44 @@ def wants_split(cfg_parallel: bool | str, world_size: int, batch: int | None) ->
             "to fall back to pure patch parallelism for such calls."
         )
     return bool(cfg_parallel) and splittable
+
+
+@dataclass(frozen=True)
+class LocalCall:
+    """One call as this rank runs it: the ranks it shares inputs with, and its share of them."""
+
+    comm: Communicator  # the ranks sharing this rank's inputs, one row patch each
+    cfg: CfgSplit | None  # None: the whole batch is patch-parallel over every rank
+    flat: list[Any]  # this rank's flat inputs (its batch half under a CFG split)
+    batch: int | None  # the batch of the whole call
+
+    def run(self, generation: Generation, program: RankProgram, phase: str) -> tuple[list[Any], CommStats]:
+        """Run ``phase`` of this rank's program; return the full flat outputs and what was exchanged."""
+        comms = [self.comm] + ([self.cfg.pair] if self.cfg is not None else [])
+        for comm in comms:
+            comm.stats.reset()
+        outputs = generation.run(program, phase, self.comm, self.flat)
+        if self.cfg is not None:
+            outputs = self.cfg.full_outputs(outputs, self.batch)
+        return outputs, CommStats(
+            bytes_sent=sum(c.stats.bytes_sent for c in comms),
+            collectives=sum(c.stats.collectives for c in comms),
+            wait_s=sum(c.stats.wait_s for c in comms),
+        )
+
+
+def local_call(comm: Communicator, cfg_parallel: bool | str, flat: list[Any],
+               split: Callable[[], CfgSplit]) -> LocalCall:
+    """This rank's share of a call: its batch half if the call runs CFG-parallel, else everything.
+
+    ``split`` gives the :class:`CfgSplit` of ``comm`` (created once, collectively, by the caller).
+
+    Example:
+        >>> call = local_call(comm, "auto", flat, lambda: cfg)                 # doctest: +SKIP
+        >>> outputs, stats = call.run(generation, program, "sync")
+    """
+    batch = batch_size(flat)
+    if not wants_split(cfg_parallel, comm.world_size, batch):
+        return LocalCall(comm, None, flat, batch)
+    cfg = split()
+    return LocalCall(cfg.patch, cfg, cfg.local_inputs(flat, batch), batch)

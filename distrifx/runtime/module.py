@@ -6,7 +6,6 @@ import dataclasses
 import inspect
 import time
 from collections.abc import Hashable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +15,7 @@ from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_wit
 from distrifx.capture import capture, signature_key
 from distrifx.config import ParallelConfig
 from distrifx.errors import DistrifxError
-from distrifx.runtime.cfg import CfgSplit, batch_size, wants_split
+from distrifx.runtime.cfg import CfgSplit, LocalCall, local_call
 from distrifx.runtime.comm import CommStats, Communicator
 from distrifx.runtime.program import Generation, RankProgram, build_program
 
@@ -35,18 +34,6 @@ def _leaf_paths(params: list[str], args: tuple, kwargs: dict) -> list[tuple[str,
     named = {**dict(zip(params, args)), **kwargs}
     leaves, _ = tree_flatten_with_path(named)
     return [(keystr(path)[2:].replace("']", "", 1), leaf) for path, leaf in leaves]
-
-
-@dataclass(frozen=True)
-class _Call:
-    """One call as this rank runs it."""
-
-    comm: Communicator  # the ranks sharing this rank's inputs, one row patch each
-    cfg: CfgSplit | None
-    flat: list[Any]
-    args: tuple
-    kwargs: dict
-    batch: int | None
 
 
 class ParallelModule(nn.Module):
@@ -91,21 +78,15 @@ class ParallelModule(nn.Module):
             self._cfg = CfgSplit.create(self.comm)
         return self._cfg
 
-    def _localize(self, args: tuple, kwargs: dict, flat: list[Any], spec: TreeSpec) -> _Call:
-        """This rank's share of a call: the batch half under CFG parallelism, else everything."""
-        batch = batch_size(flat)
-        if not wants_split(self.parallel_config.cfg_parallel, self.comm.world_size, batch):
-            return _Call(self.comm, None, flat, args, kwargs, batch)
-        cfg = self._cfg_split()
-        flat = cfg.local_inputs(flat, batch)
-        local_args, local_kwargs = tree_unflatten(flat, spec)
-        return _Call(cfg.patch, cfg, flat, local_args, local_kwargs, batch)
+    def _localize(self, flat: list[Any]) -> LocalCall:
+        return local_call(self.comm, self.parallel_config.cfg_parallel, flat, self._cfg_split)
 
-    def _program(self, call: _Call) -> tuple[Hashable, RankProgram]:
-        key = signature_key(call.args, call.kwargs)
+    def _program(self, call: LocalCall, spec: TreeSpec) -> tuple[Hashable, RankProgram]:
+        args, kwargs = tree_unflatten(call.flat, spec)
+        key = signature_key(args, kwargs)
         if key not in self._programs:
             start = time.perf_counter()
-            captured = capture(self.module, call.args, call.kwargs)
+            captured = capture(self.module, args, kwargs)
             config = dataclasses.replace(self.parallel_config, world_size=call.comm.world_size, cfg_parallel=False)
             self._programs[key] = build_program(captured, config, call.comm.rank, type(self.module).__name__)
             self.build_seconds += time.perf_counter() - start
@@ -113,7 +94,8 @@ class ParallelModule(nn.Module):
 
     def program(self, *args: Any, **kwargs: Any) -> RankProgram:
         """This rank's program for these inputs (captured and built on first use)."""
-        return self._program(self._localize(args, kwargs, *tree_flatten((args, kwargs))))[1]
+        flat, spec = tree_flatten((args, kwargs))
+        return self._program(self._localize(flat), spec)[1]
 
     def _timestep(self, args: tuple, kwargs: dict) -> object:
         if self._timestep_param is None:
@@ -146,19 +128,9 @@ class ParallelModule(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
         self._check_same_inputs(flat, args, kwargs)
-        call = self._localize(args, kwargs, flat, spec)
-        key, program = self._program(call)
+        call = self._localize(flat)
+        key, program = self._program(call, spec)
         phase = self.generation.next_phase(self._timestep(args, kwargs), key)
-        comms = [call.comm] + ([call.cfg.pair] if call.cfg is not None else [])
-        for comm in comms:
-            comm.stats.reset()
-        outputs = self.generation.run(program, phase, call.comm, call.flat)
-        if call.cfg is not None:
-            outputs = call.cfg.full_outputs(outputs, call.batch)
+        outputs, self.last_stats = call.run(self.generation, program, phase)
         self.last_phase = phase
-        self.last_stats = CommStats(
-            bytes_sent=sum(c.stats.bytes_sent for c in comms),
-            collectives=sum(c.stats.collectives for c in comms),
-            wait_s=sum(c.stats.wait_s for c in comms),
-        )
         return tree_unflatten(outputs, program.out_spec)
