@@ -48,7 +48,7 @@ def parallelize(
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
-    backend: Backend | Literal["eager", "inductor"] = "eager",
+    backend: Backend | Literal["eager", "inductor", "tensorrt"] = "eager",
     process_group: Any = None,
     timeout_s: float = 300.0,
 ) -> ParallelModule:
@@ -59,7 +59,8 @@ def parallelize(
     ``kv_exchange`` picks what self-attention exchanges when K and V are projections of one
     token tensor: "kv", "hidden" (gather the tensor, project locally), or "auto" (a cost model
     of bytes saved against projection FLOPs for the device).
-    ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md).
+    ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md);
+    ``backend="tensorrt"`` builds TensorRT engines for it (CUDA and torch-tensorrt needed).
 
     Example:
         >>> dist.init_process_group("gloo")                                # doctest: +SKIP
@@ -80,6 +81,10 @@ def parallelize(
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")
     if isinstance(model, ParallelModule):
         raise ConfigError("this model is already parallelized; pass its .module to parallelize it again")
+    if config.backend is Backend.TENSORRT:
+        from distrifx.backends.tensorrt import require_tensorrt
+
+        require_tensorrt("backend='tensorrt'")  # now, not at the first call
     return ParallelModule(model.eval(), config, _communicator(process_group, config))
 
 

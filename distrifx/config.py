@@ -40,7 +40,8 @@ class Backend(str, enum.Enum):
     """What runs the per-rank graph."""
 
     EAGER = "eager"
-    INDUCTOR = "inductor"
+    INDUCTOR = "inductor"  # torch.compile per segment
+    TENSORRT = "tensorrt"  # torch-tensorrt per segment (CUDA)
 
 
 def _enum(cls: type[enum.Enum], value: object, option: str) -> enum.Enum:

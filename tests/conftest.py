@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -24,3 +26,11 @@ def sync_error(model: torch.nn.Module, world_size: int, *args: object, **kwargs:
     )
     pick = (lambda o: o.sample) if hasattr(expected, "sample") else (lambda o: o)
     return max_rank_error([pick(o) for o in outs], pick(expected))
+
+
+def tensorrt_missing() -> str:
+    """Why the TensorRT tests cannot run here; empty when they can (a CUDA device and torch_tensorrt)."""
+    missing = [what for what, here in (("no CUDA device", torch.cuda.is_available()),
+                                       ("torch_tensorrt is not installed", importlib.util.find_spec("torch_tensorrt")))
+               if not here]
+    return "; ".join(missing)

@@ -1,7 +1,8 @@
-"""Compute segments between collectives, and the inductor backend that compiles them."""
+"""Compute segments between collectives, and the inductor and TensorRT backends that compile them."""
 
 from __future__ import annotations
 
+import importlib.util
 import operator
 
 import pytest
@@ -14,9 +15,11 @@ from distrifx.capture import capture
 from distrifx.config import Backend, ParallelConfig
 from distrifx.models import random_unet, unet_inputs
 from distrifx.passes import META_SIGNATURE, collective_order
+from distrifx.runtime import SimulatedWorld
 from distrifx.runtime.ops import is_start
 from distrifx.runtime.program import RankProgram, build_program
 from tests import export_workers
+from tests.conftest import tensorrt_missing
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +102,38 @@ def test_inductor_backend_equals_eager_in_sync_mode_on_gloo_ranks():
     for to_model, to_eager, num_segments, compiled_graphs in ranks:
         assert to_model < 1e-5 and to_eager < 1e-5
         assert compiled_graphs == num_segments > 10  # every segment compiled as one graph (fullgraph)
+
+
+@pytest.mark.parametrize("missing,message", [
+    ("cuda", "a CUDA device"),
+    ("package", "the torch_tensorrt package"),
+])
+def test_tensorrt_backend_says_what_is_missing_and_how_to_install_it(monkeypatch, missing, message):
+    if missing == "cuda":
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    else:
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch_tensorrt"
+                            else find_spec(name, *a))
+    unet = random_unet("sd15", **export_workers.ONE_LEVEL_SD15)
+    with pytest.raises(distrifx.ConfigError, match=f"backend='tensorrt' runs TensorRT engines, which need .*{message}.*"
+                                                   r"pip install \"distrifx\[tensorrt\]\""):
+        distrifx.parallelize(unet, 2, backend="tensorrt", process_group=SimulatedWorld(2).group(0))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(tensorrt_missing()), reason=f"the TensorRT backend needs CUDA and torch_tensorrt: {tensorrt_missing()}")
+def test_tensorrt_backend_equals_the_model_in_sync_mode_on_simulated_ranks():
+    unet = random_unet("sd15", **export_workers.ONE_LEVEL_SD15).cuda()
+    args, kwargs = unet_inputs(unet)
+    args, kwargs = torch.utils._pytree.tree_map(lambda x: x.cuda() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+
+    def rank(group):
+        punet = distrifx.parallelize(unet, 2, mode="sync", cfg_parallel=False, backend="tensorrt", process_group=group,
+                                     timeout_s=600)
+        return punet(*args, **kwargs).sample
+
+    for out in distrifx.simulate(rank, 2, timeout_s=600):  # engines are built on the first call: allow for it
+        assert float((out - expected).abs().max() / expected.abs().max()) < 1e-2  # TF32 convolutions, as in eager

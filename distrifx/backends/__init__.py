@@ -1,7 +1,7 @@
-"""Backends: what runs a rank's graph (eager FX, or inductor-compiled segments between collectives).
+"""Backends: what runs a rank's graph (eager FX, or compiled segments between collectives).
 
 :func:`apply_backend` is called on every per-phase graph of a :class:`~distrifx.runtime.program.RankProgram`.
-Offline export to files (``torch.export`` or ONNX) is :func:`distrifx.export`.
+Offline export to files (``torch.export``, ONNX or TensorRT) is :func:`distrifx.export`.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ def apply_backend(gm: GraphModule, backend: Backend) -> GraphModule:
     if backend is Backend.EAGER:
         return gm
     if backend is Backend.INDUCTOR:
-        from distrifx.backends.inductor import compile_segments  # imports inductor only when asked for
+        from distrifx.backends.torch_compile import compile_segments  # imports inductor only when asked for
 
-        return compile_segments(gm)
+        return compile_segments(gm, backend="inductor")
+    if backend is Backend.TENSORRT:
+        from distrifx.backends import tensorrt
+
+        return tensorrt.compile_segments(gm)
     raise ConfigError(f"backend={backend.value!r} has no implementation in distrifx.backends.apply_backend; "
-                      "use 'eager' or 'inductor'.")
+                      "use 'eager', 'inductor' or 'tensorrt'.")
