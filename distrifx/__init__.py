@@ -22,7 +22,7 @@ from distrifx.errors import (
 )
 from distrifx.runtime import ParallelModule, simulate
 from distrifx.inspect import Plan, explain
-from distrifx.export import export, load
+from distrifx.export import export, export_pipeline, load
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "launch",
     "explain",
     "export",
+    "export_pipeline",
     "load",
     "Plan",
     "ParallelModule",

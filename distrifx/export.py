@@ -4,23 +4,29 @@
 compute segments and collectives (:func:`~distrifx.backends.split_segments`), runs the ranks in
 simulation to get example inputs for every segment, and writes
 
-- ``segments/NNN.pt2`` (``torch.export``, weights inside) or ``segments/NNN.onnx`` (ONNX, weights
-  inside or in ``NNN.onnx.data`` beside it): one file per distinct compute segment (ranks and
-  phases share identical ones);
-- ``manifest.json``: versions, world size, options, the input signature and pytree specs, each
-  file's sha256, and per rank and phase the program: compute steps (file, value ids in and out),
-  collective starts (op and static arguments) and waits, the graph's inputs, outputs and state.
+- ``segments/NNN.pt2`` (``torch.export``, weights inside), ``segments/NNN.onnx`` (ONNX, weights
+  inside or in ``NNN.onnx.data`` beside it) or ``segments/NNN.ep`` (TensorRT engines in an exported
+  program): one file per distinct compute segment (ranks and phases share identical ones);
+- ``manifest.json``: versions, world size, options and CFG split, what pipelines read from the model
+  (config, dtype, device), the input signature and pytree specs, each file's sha256, and per patch
+  rank and phase the program: compute steps (file, value ids in and out), collective starts (op and
+  static arguments) and waits, the graph's inputs, outputs and state.
 
 :func:`load` checks the manifest against this process (world size, versions, file hashes) and
 returns a module that runs this rank's stored program: segments from the files, collectives by
-the communicator between them, steps and phases tracked exactly like
-:class:`~distrifx.runtime.module.ParallelModule`. Only JSON, ``torch.export`` archives and ONNX
-files are read; nothing is unpickled.
+the communicator between them, the batch halves of a CFG split on two rank groups, steps and
+phases tracked exactly like :class:`~distrifx.runtime.module.ParallelModule`. It can replace
+``pipe.unet`` in a diffusers pipeline. Only JSON, ``torch.export`` archives and ONNX files are
+read; nothing is unpickled.
+
+:func:`export_pipeline` exports a pipeline's denoiser as the pipeline calls it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import enum
 import hashlib
 import importlib.util
 import inspect
@@ -32,7 +38,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -50,25 +56,33 @@ from torch.utils._pytree import (
     treespec_loads,
 )
 
-from distrifx.api import _communicator
-from distrifx.backends import is_segment, segments, split_segments
-from distrifx.capture import capture
+from distrifx.api import _communicator, _denoiser_name
+from distrifx.backends import is_segment, segments, split_segments, tensorrt
+from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
 from distrifx.config import GNVariant, KVExchange, Mode, ParallelConfig
 from distrifx.errors import ArtifactError, ConfigError, DistrifxError, InputSignatureError, ProcessGroupError
 from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
+from distrifx.runtime.cfg import CfgSplit, batch_half, batch_size, local_call, wants_split
 from distrifx.runtime.comm import CommStats, Communicator, SimulatedGroup
 from distrifx.runtime.module import _leaf_paths
 from distrifx.runtime.program import Generation, RankProgram, build_program, phases_for
 from distrifx.runtime.simulate import simulate
 
-__all__ = ["export", "load", "ExportedModule", "ArtifactError", "InputSignatureError", "MANIFEST", "FORMATS"]
+__all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest", "ExportedModule",
+           "RecordedAttributes", "ArtifactError", "InputSignatureError", "MANIFEST", "FORMATS", "RECORDED_ATTRIBUTES"]
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
-FORMATS = ("pt2", "onnx")
+MANIFEST_VERSION = 2
+FORMATS = ("pt2", "onnx", "tensorrt")
+_SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "tensorrt": "ep"}
+# Where a format's segments run, and what runs them; pt2 keeps the device it was exported on.
+_FORMAT_DEVICES = {"onnx": ("cpu", "onnxruntime's CPU provider"), "tensorrt": ("cuda", "TensorRT")}
 SEGMENT_DIR = "segments"
+# Values diffusers pipelines read from submodules of their denoiser. A loaded export has no
+# submodules, so these are recorded at export: SDXL pipelines check the added time embedding's size.
+RECORDED_ATTRIBUTES = ("add_embedding.linear_1.in_features",)
 # Protobuf cannot serialize 2 GiB; bigger ONNX segments keep their weights in a file beside them.
 _ONNX_INLINE_LIMIT = 1 << 30
 _COLLECTIVES: dict[str, Callable[..., Any]] = {f.__name__: f for f in (*ops.COLLECTIVE_STARTS, ops.wait)}
@@ -184,15 +198,31 @@ class _Distinct:
     example: tuple[torch.Tensor, ...]
 
 
+def _torch_export(d: _Distinct) -> torch.export.ExportedProgram:
+    try:
+        return torch.export.export(d.module, d.example, strict=False)
+    except Exception as exc:
+        raise DistrifxError(f"torch.export failed on {d.origin} (to be written to {d.file}): "
+                            f"{type(exc).__name__}: {exc}") from exc
+
+
 def _write_pt2(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
     """One ``torch.export`` archive per segment; the program's steps name its inputs and outputs."""
     for d in distinct:
+        torch.export.save(_torch_export(d), out / d.file)
+    return {}
+
+
+def _write_tensorrt(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
+    """One exported program holding the segment's TensorRT engines per segment."""
+    for d in distinct:
+        program = _torch_export(d)
         try:
-            program = torch.export.export(d.module, d.example, strict=False)
+            tensorrt.write_segment(program, d.example, out / d.file)
         except Exception as exc:
-            raise DistrifxError(f"torch.export failed on {d.origin} (to be written to {d.file}): "
-                                f"{type(exc).__name__}: {exc}") from exc
-        torch.export.save(program, out / d.file)
+            raise DistrifxError(f"torch-tensorrt failed on {d.origin} (to be written to {d.file}): "
+                                f"{type(exc).__name__}: {exc}\nformat='pt2' stores the same program without "
+                                "TensorRT.") from exc
     return {}
 
 
@@ -257,6 +287,7 @@ def _write_onnx(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any
 _WRITERS: dict[str, Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]] = {
     "pt2": _write_pt2,
     "onnx": _write_onnx,
+    "tensorrt": _write_tensorrt,
 }
 
 
@@ -265,6 +296,35 @@ def _literal(value: object, where: str) -> object:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     raise DistrifxError(f"{where}: cannot store {value!r} ({type(value).__name__}) in the manifest")
+
+
+def _json_safe(value: object, where: str) -> object:
+    """``value`` as JSON: mappings, lists (tuples become lists), paths and enums as strings/values."""
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, enum.Enum):
+        return _json_safe(value.value, where)
+    return _literal(value, where)
+
+
+def _describe_model(model: nn.Module) -> dict[str, Any]:
+    """What pipelines read from the model besides calling it, where the model has it."""
+    described: dict[str, Any] = {"class": type(model).__name__, "recorded": {}}
+    config = getattr(model, "config", None)
+    if isinstance(config, Mapping):  # diffusers' FrozenDict
+        described["config"] = _json_safe(config, "config")
+    for name in ("dtype", "device"):
+        value = getattr(model, name, None)
+        if isinstance(value, (torch.dtype, torch.device)):
+            described[name] = str(value).removeprefix("torch.")
+    for path in RECORDED_ATTRIBUTES:
+        with contextlib.suppress(AttributeError):
+            described["recorded"][path] = _literal(operator.attrgetter(path)(model), path)
+    return described
 
 
 def _program(split: GraphModule, files: Mapping[str, str]) -> dict[str, Any]:
@@ -311,7 +371,7 @@ def _distinct_segments(splits: list[dict[str, GraphModule]], phases: tuple[str, 
             for name, segment in segments(graphs[phase]):
                 key = examples.keys[(rank, phase, name)]
                 if key not in files:
-                    files[key] = f"{SEGMENT_DIR}/{len(distinct):03d}.{format}"
+                    files[key] = f"{SEGMENT_DIR}/{len(distinct):03d}.{_SUFFIXES[format]}"
                     origin = f"rank {rank}, phase {phase}, {name}"
                     distinct.append(_Distinct(files[key], origin, segment, examples.inputs[key][1]))
                 segment_files.setdefault((rank, phase), {})[name] = files[key]
@@ -342,6 +402,46 @@ def _prepare(out: Path) -> None:
     (out / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
 
 
+def _check_format(format: str, flat: list[Any]) -> None:
+    """Refuse, before any work, a format this machine or these inputs cannot produce."""
+    if format not in FORMATS:
+        raise ConfigError(f"format={format!r} is not valid; choose one of {FORMATS}.")
+    if format == "onnx":
+        _require("distrifx.export(format='onnx')", "onnx", "onnxscript")
+    if format == "tensorrt":
+        tensorrt.require_tensorrt("distrifx.export(format='tensorrt')")
+    if format in _FORMAT_DEVICES:
+        device, runtime = _FORMAT_DEVICES[format]
+        if others := sorted({x.device.type for x in flat if isinstance(x, torch.Tensor)} - {device}):
+            raise ConfigError(f"format={format!r} runs on {runtime}: export with the model and inputs on {device} "
+                              f"(got inputs on {others}), or use format='pt2', which keeps the device.")
+
+
+def _patch_programs(model: nn.Module, config: ParallelConfig, args: tuple, kwargs: dict
+                    ) -> tuple[CapturedProgram, list[dict[str, GraphModule]], list[Any], bool]:
+    """Every patch rank's split phase graphs, built as :class:`ParallelModule` builds them.
+
+    Returns the capture, the graphs, the flat inputs of one patch group and whether the call is
+    CFG-split: then each batch half runs on ``world_size / 2`` patch ranks, and as both halves
+    have the same shapes, patch rank r of either half runs the same program.
+    """
+    flat, spec = tree_flatten((args, kwargs))
+    batch = batch_size(flat)
+    cfg_split = wants_split(config.cfg_parallel, config.world_size, batch)
+    if cfg_split:
+        flat = batch_half(flat, batch, 0)
+        args, kwargs = tree_unflatten(flat, spec)
+    captured = capture(model, args, kwargs)
+    patch = dataclasses.replace(config, world_size=config.world_size // 2 if cfg_split else config.world_size,
+                                cfg_parallel=False)
+    name = type(model).__name__
+    splits = [
+        {phase: split_segments(gm) for phase, gm in build_program(captured, patch, rank, name).graphs.items()}
+        for rank in range(patch.world_size)
+    ]
+    return captured, splits, flat, cfg_split
+
+
 def export(
     model: nn.Module,
     out_dir: str | os.PathLike,
@@ -353,14 +453,19 @@ def export(
     warmup_steps: int = 4,
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
-    format: Literal["pt2", "onnx"] = "pt2",
+    cfg_parallel: bool | Literal["auto"] = "auto",
+    format: Literal["pt2", "onnx", "tensorrt"] = "pt2",
+    pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
-    Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant`` and
-    ``kv_exchange`` are those of :func:`distrifx.parallelize`. The files are specialized to the
-    shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``; the batch is not split
-    (no CFG parallelism). Load them on each rank with :func:`load`.
+    Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant``,
+    ``kv_exchange`` and ``cfg_parallel`` are those of :func:`distrifx.parallelize`: with an even
+    batch and world size (and ``cfg_parallel`` not False) each rank's program handles half the
+    batch, patch-parallel over ``world_size / 2`` ranks. The files are specialized to the shapes,
+    dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
+    stored in the manifest as the pipeline arguments the call came from (see
+    :func:`export_pipeline`). Load the files on each rank with :func:`load`.
 
     Example:
         >>> distrifx.export(unet, "unet-2r", 2, args=(x, t), kwargs={"encoder_hidden_states": ctx},
@@ -369,27 +474,15 @@ def export(
     """
     import distrifx
 
-    if format not in FORMATS:
-        raise ConfigError(f"format={format!r} is not valid; choose one of {FORMATS} (TensorRT is not implemented yet).")
-    if format == "onnx":
-        _require("distrifx.export(format='onnx')", "onnx", "onnxscript")
+    kwargs = dict(kwargs or {})
+    _check_format(format, tree_flatten((tuple(args), kwargs))[0])
+    config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
+                            kv_exchange=kv_exchange, cfg_parallel=cfg_parallel)
     out = Path(out_dir)
     _prepare(out)
-    kwargs = dict(kwargs or {})
-    config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
-                            kv_exchange=kv_exchange, cfg_parallel=False)
     model = model.eval()
-    captured = capture(model, tuple(args), kwargs)
-    flat, _ = tree_flatten((tuple(args), kwargs))
-    if format == "onnx" and any(isinstance(x, torch.Tensor) and x.device.type != "cpu" for x in flat):
-        raise ConfigError("format='onnx' runs on onnxruntime's CPU provider: export with CPU inputs and model, "
-                          "or use format='pt2', which keeps the device.")
+    captured, splits, flat, cfg_split = _patch_programs(model, config, tuple(args), kwargs)
     phases = phases_for(config.mode)
-    name = type(model).__name__
-    splits = [
-        {phase: split_segments(gm) for phase, gm in build_program(captured, config, rank, name).graphs.items()}
-        for rank in range(world_size)
-    ]
     examples = _record_examples(splits, captured.out_spec, flat, phases)
 
     distinct, segment_files = _distinct_segments(splits, phases, examples, format)
@@ -399,10 +492,12 @@ def export(
         "format": format,
         "distrifx_version": distrifx.__version__,
         "torch_version": torch.__version__,
-        "model": name,
+        "model": _describe_model(model),
         "world_size": world_size,
+        "cfg_split": cfg_split,
         "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
                     "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value},
+        "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
         "inputs": _input_signature(model, tuple(args), kwargs),
         "out_spec": treespec_dumps(captured.out_spec),
         "segments": layout,
@@ -417,9 +512,79 @@ def export(
     return path
 
 
+# -- exporting a pipeline's denoiser -------------------------------------------------------------
+class _FirstCall(Exception):
+    """Raised by the recording hook to stop a pipeline at its first denoiser call."""
+
+
+def denoiser_call(pipe: Any, **call: Any) -> tuple[str, nn.Module, tuple, dict]:
+    """``pipe``'s denoiser (attribute name, module) and the arguments of its first call in ``pipe(**call)``.
+
+    The pipeline runs up to that call and stops there: nothing after it is computed.
+
+    Example:
+        >>> name, unet, args, kwargs = denoiser_call(pipe, prompt="", height=512, width=512)  # doctest: +SKIP
+        >>> name, sorted(kwargs)
+        ('unet', ['added_cond_kwargs', 'cross_attention_kwargs', 'encoder_hidden_states', 'return_dict', ...])
+    """
+    name = _denoiser_name(pipe)
+    model = getattr(pipe, name)
+    seen: list[tuple[tuple, dict]] = []
+
+    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append((args, kwargs))
+        raise _FirstCall
+
+    handle = model.register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        pipe(**call)
+    except _FirstCall:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise DistrifxError(f"{type(pipe).__name__} returned without calling its {name} (called with {sorted(call)}); "
+                            "export the denoiser with distrifx.export and example inputs instead.")
+    return name, model, *seen[0]
+
+
+def _call_default(pipe: Any, argument: str) -> Any:
+    """The default of ``argument`` in ``pipe.__call__`` (None if it has none)."""
+    parameter = inspect.signature(pipe.__call__).parameters.get(argument)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
+
+
+def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, height: int, width: int,
+                    guidance_scale: float | None = None, pipeline_kwargs: Mapping[str, Any] | None = None,
+                    **options: Any) -> Path:
+    """Export ``pipe``'s denoiser exactly as the pipeline calls it at ``height`` x ``width``.
+
+    The pipeline runs up to its first denoiser call (:func:`denoiser_call`) and :func:`export`
+    stores that call: its arguments (``return_dict``, ``added_cond_kwargs``, ...), shapes, dtypes
+    and batch (doubled by classifier-free guidance when ``guidance_scale`` > 1; None: the
+    pipeline's default). ``pipeline_kwargs`` are further pipeline arguments that shape the
+    denoiser's inputs (SD 3's ``max_sequence_length``); later calls must pass the same. The
+    manifest records them with height, width and the guidance scale. ``options`` are those of
+    :func:`export`. Load with :func:`load` and assign to ``pipe.unet`` (``pipe.transformer``) on
+    every rank.
+
+    Example:
+        >>> distrifx.export_pipeline(pipe, "sd-2r", 2, height=512, width=512, mode="stale")  # doctest: +SKIP
+        >>> pipe.unet = distrifx.load("sd-2r")                # on every rank
+        >>> image = pipe("a lighthouse", height=512, width=512).images[0]
+    """
+    if guidance_scale is None:
+        guidance_scale = _call_default(pipe, "guidance_scale")
+    call = {"height": height, "width": width, "guidance_scale": guidance_scale, **(pipeline_kwargs or {})}
+    _, model, args, kwargs = denoiser_call(pipe, prompt="", num_inference_steps=2,
+                                           **{k: v for k, v in call.items() if v is not None})
+    return export(model, out_dir, world_size, args=args, kwargs=kwargs, pipeline=call, **options)
+
 
 # -- loading -------------------------------------------------------------------------------------
-def _read_manifest(out: Path) -> dict[str, Any]:
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of the export in ``out_dir``, checked to be one this distrifx reads."""
+    out = Path(out_dir)
     path = out / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{path} does not exist: {out} is not a distrifx export directory "
@@ -538,6 +703,8 @@ def _open_segment(path: Path, digest: str, format: str, layout: Mapping[str, Any
                 if layout is None:
                     raise ArtifactError(f"the manifest has no input/output names for {path}; export again.")
                 segment = _OnnxSegment(path, layout["inputs"], layout["outputs"])
+            elif format == "tensorrt":
+                segment = tensorrt.load_segment(path)
             else:
                 segment = torch.export.load(str(path)).module()
             _OPENED[key] = segment
@@ -621,33 +788,107 @@ def _stored_graph(program: Mapping[str, Any], manifest: Mapping[str, Any], out: 
     return _StoredGraph(program["inputs"], steps, program["outputs"], signature)
 
 
+class RecordedAttributes:
+    """Read-only values of a model's submodule recorded at export: ``unet.add_embedding.linear_1.in_features``.
+
+    ``values`` maps dotted paths from the model (``"add_embedding.linear_1.in_features"``) to
+    values; this object stands for the submodule at ``path`` (``"add_embedding"``).
+    """
+
+    def __init__(self, path: str, values: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_values", dict(values))
+
+    def __getattr__(self, name: str) -> Any:
+        path = f"{self._path}.{name}"
+        if path in self._values:
+            return self._values[path]
+        if any(key.startswith(path + ".") for key in self._values):
+            return RecordedAttributes(path, self._values)
+        raise AttributeError(f"{path} was not recorded at export; a loaded export keeps only "
+                             f"{sorted(self._values)} of the model's submodules (distrifx.export.RECORDED_ATTRIBUTES).")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"{self._path} is a read-only record of the exported model")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ArtifactError(f"the manifest names the dtype {name!r}, which this torch does not have; export again.")
+    return dtype
+
+
+def _model_attributes(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The attributes a loaded module answers for the model: its config, dtype, device, recorded values."""
+    attributes: dict[str, Any] = {}
+    if "config" in model:
+        from diffusers.configuration_utils import FrozenDict
+
+        attributes["config"] = FrozenDict(model["config"])
+    if "dtype" in model:
+        attributes["dtype"] = _torch_dtype(model["dtype"])
+    if "device" in model:
+        attributes["device"] = torch.device(model["device"])
+    for top in sorted({path.split(".")[0] for path in model["recorded"]}):
+        attributes[top] = RecordedAttributes(top, model["recorded"])
+    return attributes
+
+
 class ExportedModule(nn.Module):
     """A stored program on this rank: called like the exported model, returns what it returned.
 
     Steps and phases are tracked like :class:`~distrifx.runtime.module.ParallelModule`: a new
     generation starts when the timestep stops decreasing or on :meth:`reset`; stale mode runs the
-    warm-up graph for ``warmup_steps`` calls, then the stale graph with the state it carries.
+    warm-up graph for ``warmup_steps`` calls, then the stale graph with the state it carries. With
+    a CFG split, the batch halves run on two rank groups, as in ``ParallelModule``.
+
+    It answers what diffusers pipelines read from their denoiser, as recorded from the model at
+    export: ``config`` (a diffusers ``FrozenDict``), ``dtype``, ``device`` and the values in
+    :data:`RECORDED_ATTRIBUTES`; ``cache_context`` is a no-op. So ``pipe.unet = distrifx.load(dir)``
+    works in an unmodified pipeline. Features that need the model's modules (IP adapters, attention
+    processors, FreeU) need the model: use :func:`distrifx.parallelize` for those.
 
     Example:
         >>> unet = distrifx.load("unet-2r")                                       # doctest: +SKIP
         >>> for t in timesteps:
         ...     noise = unet(latents, t, encoder_hidden_states=ctx).sample
-        >>> unet.last_phase
-        'stale'
+        >>> unet.last_phase, unet.config.in_channels
+        ('stale', 4)
     """
 
     def __init__(self, directory: Path, inputs: Mapping[str, Any], in_spec: TreeSpec, config: ParallelConfig,
-                 comm: Communicator, program: RankProgram) -> None:
+                 comm: Communicator, cfg: CfgSplit | None, program: RankProgram, attributes: Mapping[str, Any]) -> None:
         super().__init__()
         self.directory = directory
         self.parallel_config = config
-        self.comm = comm
+        self.comm = comm  # every rank; with a CFG split, cfg.patch is this rank's patch group
+        self.cfg = cfg
         self.program = program
         self.generation = Generation(config.mode, config.warmup_steps)
         self._inputs = inputs
         self._in_spec = in_spec
+        self._attributes = dict(attributes)
         self.last_phase: str | None = None
         self.last_stats = CommStats()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            attributes = self.__dict__.get("_attributes", {})
+            if name in attributes:
+                return attributes[name]
+            raise AttributeError(
+                f"{type(self).__name__} has no attribute {name!r}: a loaded export answers only what was recorded "
+                f"from the model at export ({sorted(attributes)}). Features that need the model's modules (IP "
+                "adapters, attention processors, FreeU) need the model itself: use distrifx.parallelize."
+            ) from None
+
+    @contextlib.contextmanager
+    def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
+        """What diffusers pipelines enter around each call for their cache hooks; a stored program has none."""
+        yield
 
     def reset(self) -> None:
         """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
@@ -695,10 +936,9 @@ class ExportedModule(nn.Module):
         flat = self._flat_inputs(args, kwargs)
         index = self._inputs["timestep"]
         phase = self.generation.next_phase(flat[index] if index is not None else None, self._in_spec)
-        self.comm.stats.reset()
-        outputs = self.generation.run(self.program, phase, self.comm, flat)
+        call = local_call(self.comm, self.cfg is not None, flat, lambda: self.cfg)
+        outputs, self.last_stats = call.run(self.generation, self.program, phase)
         self.last_phase = phase
-        self.last_stats = dataclasses.replace(self.comm.stats)
         return tree_unflatten(outputs, self.program.out_spec)
 
 
@@ -707,31 +947,40 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
 
     Call on every rank (``process_group`` as in :func:`distrifx.parallelize`; a group from
     :func:`distrifx.simulate` works). Refuses, before running anything, a world size other than the
-    exported one, a missing or changed file, another distrifx or torch major.minor version; calls
-    with other input shapes or dtypes are refused by the module.
+    exported one, a missing or changed file, another distrifx or torch major.minor version, a
+    TensorRT export without CUDA or torch-tensorrt; calls with other input shapes or dtypes are
+    refused by the module. An export with a CFG split splits the process group into two patch
+    groups here (collectively: every rank loads).
 
     Example:
         >>> unet = distrifx.load("unet-2r")                                       # doctest: +SKIP
         >>> out = unet(x, t, encoder_hidden_states=ctx).sample
+        >>> pipe.unet = distrifx.load("sd-2r")      # an export_pipeline export, in the pipeline
     """
     out = Path(out_dir)
-    manifest = _read_manifest(out)
+    manifest = read_manifest(out)
     try:
         _check_versions(manifest, out)
         _check_files(manifest, out)
         if manifest["format"] == "onnx":
             _require("distrifx.load of an ONNX export", "onnxruntime")
+        if manifest["format"] == "tensorrt":
+            tensorrt.require_tensorrt("distrifx.load of a format='tensorrt' export", ArtifactError)
         options = manifest["options"]
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
                                 warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
-                                kv_exchange=options["kv_exchange"], cfg_parallel=False, timeout_s=timeout_s)
+                                kv_exchange=options["kv_exchange"], cfg_parallel=manifest["cfg_split"],
+                                timeout_s=timeout_s)
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
         out_spec = _load_spec(manifest["out_spec"], "output")
+        attributes = _model_attributes(manifest["model"])
         comm = _load_communicator(process_group, config, out)
+        cfg = CfgSplit.create(comm) if manifest["cfg_split"] else None
         opened: dict[str, Callable[..., tuple]] = {}
         graphs = {phase: _stored_graph(program, manifest, out, opened)
-                  for phase, program in manifest["ranks"][comm.rank].items()}
-        return ExportedModule(out, manifest["inputs"], in_spec, config, comm, RankProgram(graphs, out_spec))
+                  for phase, program in manifest["ranks"][cfg.patch.rank if cfg else comm.rank].items()}
+        return ExportedModule(out, manifest["inputs"], in_spec, config, comm, cfg, RankProgram(graphs, out_spec),
+                              attributes)
     except KeyError as exc:
         raise ArtifactError(f"{out / MANIFEST} lacks the entry {exc}; it was not written by this distrifx. "
                             "Export again.") from exc

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import distrifx
-from distrifx.models import random_unet, unet_inputs
+from distrifx.models import random_unet, tiny_pipeline, unet_inputs
 
 # One level of the SD 1.5 layout (cross-attention block, no mid block): every exchange kind, few
 # segments. Inductor compiles each segment on first use, which dominates this test's time.
@@ -33,3 +33,36 @@ def inductor_vs_eager() -> tuple[float, float, int, int]:
     num_segments = sum(is_segment(n) for n in split.graph.nodes)
     return (float((got - expected).abs().max()), float((got - eager).abs().max()), num_segments,
             counters["stats"]["unique_graphs"])
+
+
+def small_pipeline():
+    """A tiny SD 1.5 pipeline with the one-level UNet: few segments to export and load."""
+    pipe = tiny_pipeline("sd15")
+    pipe.unet = random_unet("sd15", **ONE_LEVEL_SD15)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipeline_latents(pipe) -> torch.Tensor:
+    return pipe(prompt="a red circle", height=32, width=32, num_inference_steps=3, output_type="latent",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def pipeline_with_exports(sync_dir: str, stale_dir: str) -> tuple[float, float]:
+    """This rank's relative max differences of the final latents, in :func:`small_pipeline` with its
+    unet replaced by a loaded export: the sync export against the unmodified pipeline, the stale
+    export against the eager runtime with the same options (parallelize_pipeline)."""
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).abs().max() / b.abs().max())
+
+    pipe = small_pipeline()
+    unet = pipe.unet
+    expected = _pipeline_latents(pipe)
+    pipe.unet = distrifx.load(sync_dir)
+    sync = _pipeline_latents(pipe)
+    pipe.unet = distrifx.load(stale_dir)
+    stale = _pipeline_latents(pipe)
+    pipe.unet = unet
+    eager = distrifx.parallelize_pipeline(pipe, dist.get_world_size(), mode="stale", warmup_steps=1, cfg_parallel=False)
+    return rel(sync, expected), rel(stale, _pipeline_latents(eager))

@@ -1,4 +1,5 @@
-"""distrifx.export -> distrifx.load round trips (torch.export and ONNX) and every refusal of load."""
+"""distrifx.export -> distrifx.load round trips (torch.export, ONNX; TensorRT on a GPU), CFG splits,
+loaded exports in diffusers pipelines, and every refusal of export and load."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import distrifx
@@ -15,6 +17,8 @@ from distrifx.errors import ArtifactError, InputSignatureError
 from distrifx.export import MANIFEST
 from distrifx.models import random_unet, unet_inputs
 from distrifx.runtime import SimulatedWorld
+from tests import export_workers
+from tests.conftest import tensorrt_missing
 from tests.export_workers import ONE_LEVEL_SD15
 
 TIMESTEPS = [900, 600, 300]
@@ -91,6 +95,9 @@ def test_manifest_describes_versions_inputs_files_and_every_ranks_program(export
     assert manifest["format"] == "pt2" and manifest["world_size"] == 2
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
     assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "gn_variant": "corrected", "kv_exchange": "auto"}
+    assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
+    assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
+    assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"
     assert manifest["inputs"]["names"] == ["sample", "timestep", "encoder_hidden_states"]
     assert manifest["inputs"]["leaves"][0] == {"kind": "tensor", "shape": [1, 4, 16, 16], "dtype": "float32",
                                                "device": "cpu"}
@@ -198,9 +205,113 @@ def test_loaded_module_takes_keyword_arguments_for_positional_ones(model, export
 
 def test_export_refuses_an_unknown_format_and_a_foreign_directory(model, tmp_path):
     unet, args, kwargs = model
-    with pytest.raises(distrifx.ConfigError, match="format='tensorrt' is not valid.*TensorRT is not implemented"):
-        distrifx.export(unet, tmp_path / "x", 2, args=args, kwargs=kwargs, format="tensorrt")
+    with pytest.raises(distrifx.ConfigError, match=r"format='engine' is not valid; choose one of \('pt2', 'onnx', "
+                                                   r"'tensorrt'\)"):
+        distrifx.export(unet, tmp_path / "x", 2, args=args, kwargs=kwargs, format="engine")
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(distrifx.ConfigError, match="is not empty and holds no manifest.json"):
         distrifx.export(unet, tmp_path, 2, args=args, kwargs=kwargs)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_loaded_module_answers_what_pipelines_read(model, rank0):
+    unet, _, _ = model
+    assert isinstance(rank0.config, FrozenDict)
+    assert rank0.config.in_channels == unet.config.in_channels and rank0.config.sample_size == unet.config.sample_size
+    assert rank0.config.time_cond_proj_dim is None and rank0.config["addition_time_embed_dim"] is None
+    assert rank0.config.block_out_channels == list(unet.config.block_out_channels)  # JSON: tuples become lists
+    assert rank0.dtype == torch.float32 and rank0.device == torch.device("cpu")
+    with rank0.cache_context("cond"):  # entered by newer diffusers pipelines; nothing to cache here
+        pass
+    assert not hasattr(rank0, "_hf_hook")
+    with pytest.raises(AttributeError, match="'encoder_hid_proj': a loaded export answers only what was recorded"):
+        rank0.encoder_hid_proj  # noqa: B018
+
+
+def test_sdxl_added_embedding_size_is_recorded_for_its_pipeline():
+    """SDXL pipelines read unet.add_embedding.linear_1.in_features; a loaded export has no submodules."""
+    from distrifx.export import RecordedAttributes, _describe_model, _model_attributes
+
+    unet = random_unet("sdxl")
+    attributes = _model_attributes(json.loads(json.dumps(_describe_model(unet))))
+    embedding = attributes["add_embedding"]
+    assert isinstance(embedding, RecordedAttributes)
+    assert embedding.linear_1.in_features == unet.add_embedding.linear_1.in_features
+    assert attributes["config"].addition_time_embed_dim == unet.config.addition_time_embed_dim
+    with pytest.raises(AttributeError, match="add_embedding.linear_2 was not recorded at export"):
+        embedding.linear_2  # noqa: B018
+    with pytest.raises(AttributeError, match="read-only"):
+        embedding.linear_1 = None
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_cfg_split_export_puts_the_batch_halves_on_two_rank_groups(tmp_path, world_size):
+    unet = random_unet("sd15", **ONE_LEVEL_SD15)
+    args, kwargs = unet_inputs(unet, batch=2)
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+    distrifx.export(unet, tmp_path, world_size, args=args, kwargs=kwargs, mode="sync")
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["cfg_split"] is True and manifest["world_size"] == world_size
+    assert len(manifest["ranks"]) == world_size // 2  # one program per patch rank, shared by both halves
+
+    def rank(group):
+        loaded = distrifx.load(tmp_path, process_group=group)
+        return loaded(*args, **kwargs).sample, loaded.cfg.half, loaded.cfg.patch.world_size
+
+    results = distrifx.simulate(rank, world_size)
+    assert [half for _, half, _ in results] == [0] * (world_size // 2) + [1] * (world_size // 2)
+    for out, _, patch_world in results:
+        assert patch_world == world_size // 2
+        assert float((out - expected).abs().max()) < 1e-5
+
+
+def test_loaded_exports_replace_the_unet_of_an_unmodified_pipeline_on_gloo_ranks(tmp_path):
+    pipe = export_workers.small_pipeline()
+    options = dict(height=32, width=32, cfg_parallel=False)
+    distrifx.export_pipeline(pipe, tmp_path / "sync", 2, mode="sync", **options)
+    # ONNX loads much faster than pt2 (the stale export has twice the files), and runs in a pipeline too.
+    distrifx.export_pipeline(pipe, tmp_path / "stale", 2, mode="stale", warmup_steps=1, format="onnx", **options)
+    manifest = json.loads((tmp_path / "sync" / MANIFEST).read_text())
+    assert manifest["pipeline"] == {"height": 32, "width": 32, "guidance_scale": 7.5}
+    assert manifest["inputs"]["keywords"] == ["encoder_hidden_states", "timestep_cond", "cross_attention_kwargs",
+                                              "added_cond_kwargs", "return_dict"]  # exactly the pipeline's call
+    assert manifest["inputs"]["leaves"][0]["shape"] == [2, 4, 16, 16]  # guidance: a batch of 2
+    ranks = distrifx.launch(export_workers.pipeline_with_exports, 2, str(tmp_path / "sync"), str(tmp_path / "stale"),
+                            threads_per_rank=1, timeout_s=600, all_ranks=True)
+    for sync_to_pipeline, stale_to_eager in ranks:
+        assert sync_to_pipeline < 1e-4 and stale_to_eager < 1e-4
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_tensorrt_export_refuses_clearly_without_cuda(model, tmp_path, no_cuda):
+    unet, args, kwargs = model
+    with pytest.raises(distrifx.ConfigError, match=r"distrifx.export\(format='tensorrt'\) runs TensorRT engines, "
+                                                   r"which need a CUDA device .* pip install \"distrifx\[tensorrt\]\""):
+        distrifx.export(unet, tmp_path / "trt", 2, args=args, kwargs=kwargs, format="tensorrt")
+    assert not (tmp_path / "trt").exists()  # refused before writing anything
+
+
+def test_loading_a_tensorrt_export_refuses_clearly_without_cuda(copy, no_cuda):
+    _edit_manifest(copy, format="tensorrt")
+    with pytest.raises(ArtifactError, match=r"format='tensorrt' export runs TensorRT engines, which need a CUDA "
+                                            r"device .* pip install \"distrifx\[tensorrt\]\""):
+        distrifx.load(copy)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(bool(tensorrt_missing()), reason=f"TensorRT export needs CUDA and torch_tensorrt: {tensorrt_missing()}")
+def test_tensorrt_export_equals_the_model_in_sync_mode(tmp_path):
+    unet = random_unet("sd15", **ONE_LEVEL_SD15).cuda()
+    args, kwargs = unet_inputs(unet)
+    args, kwargs = torch.utils._pytree.tree_map(lambda x: x.cuda() if isinstance(x, torch.Tensor) else x, (args, kwargs))
+    with torch.no_grad():
+        expected = unet(*args, **kwargs).sample
+    distrifx.export(unet, tmp_path, 2, args=args, kwargs=kwargs, mode="sync", format="tensorrt")
+    outs = distrifx.simulate(lambda g: distrifx.load(tmp_path, process_group=g)(*args, **kwargs).sample, 2)
+    for out in outs:  # TensorRT may use TF32 for float32 convolutions, as cuDNN does in eager mode
+        assert float((out - expected).abs().max() / expected.abs().max()) < 1e-2
