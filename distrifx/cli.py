@@ -2,7 +2,7 @@
 
     distrifx generate --prompt "a red circle" --world-size 2 --out image.png
     torchrun --nproc-per-node 4 -m distrifx generate --model ./my-sd15 --height 1024 --width 1024
-    distrifx compile --world-size 2 --format onnx --out engines/
+    distrifx compile --world-size 2 --format pt2 --out engines/ && distrifx generate --engines engines/
     distrifx bench --model sd15-half --latent 64     distrifx fidelity --world-sizes 2 4
 
 Without ``--model`` it runs on the embedded default model (small, shipped in the package).
@@ -22,15 +22,21 @@ import torch
 
 __all__ = ["main", "build_parser"]
 
+_CFG_PARALLEL = {"auto": "auto", "on": True, "off": False}
+# generate's parallel options; with --engines they come from the export instead.
+_PARALLEL_DEFAULTS = {"world_size": 2, "mode": "stale", "warmup_steps": 4, "gn_variant": "corrected",
+                      "cfg_parallel": "auto"}
+
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--world-size", type=int, default=2, help="number of ranks (row patches); default 2")
-    p.add_argument("--mode", choices=["sync", "stale", "naive"], default="stale",
+    p.add_argument("--world-size", type=int, default=None,
+                   help="number of ranks (row patches); default 2 (with --engines: the export's)")
+    p.add_argument("--mode", choices=["sync", "stale", "naive"], default=None,
                    help="sync: exact; stale: DistriFusion's displaced patches (default); naive: no interaction")
-    p.add_argument("--warmup-steps", type=int, default=4, help="synchronous steps before stale mode (default 4)")
-    p.add_argument("--gn-variant", choices=["corrected", "sync", "stale", "separate"], default="corrected",
+    p.add_argument("--warmup-steps", type=int, default=None, help="synchronous steps before stale mode (default 4)")
+    p.add_argument("--gn-variant", choices=["corrected", "sync", "stale", "separate"], default=None,
                    help="GroupNorm statistics after warm-up in stale mode (default corrected)")
-    p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
+    p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default=None,
                    help="put the two halves of a guidance batch on two rank groups (default auto)")
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="torch threads per spawned rank on CPU (default: cores / world size)")
@@ -53,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     gen.add_argument("--seed", type=int, default=0, help="random seed (rank 0's initial latents are shared)")
     gen.add_argument("--out", type=Path, default=Path("distrifx.png"), help="output PNG (default distrifx.png)")
+    gen.add_argument("--engines", type=Path, default=None,
+                     help="a distrifx compile output: every rank runs its denoiser from these files (distrifx.load); "
+                          "height, width, guidance and the parallel options are the export's")
     _add_parallel_options(gen)
 
     bench = sub.add_parser("bench", help="measure speedup, exposed communication, bytes and memory",
@@ -71,19 +80,26 @@ def build_parser() -> argparse.ArgumentParser:
                        help="world sizes too large for this machine: time one rank alone (compute only)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
 
-    comp = sub.add_parser("compile", help="export every rank's program offline (pt2 or onnx)",
-                          description="Capture a pipeline component at one resolution, build every rank's "
-                                      "program and write them with a manifest; load with distrifx.load.")
+    comp = sub.add_parser("compile", help="export every rank's program offline (pt2, onnx or tensorrt)",
+                          description="Capture a pipeline's denoiser as the pipeline calls it at one resolution "
+                                      "(or its VAE decoder), build every rank's program and write them with a "
+                                      "manifest; run with distrifx generate --engines, or load with distrifx.load.")
     comp.add_argument("--model", type=Path, default=None,
                       help="local diffusers pipeline directory (default: the embedded default model)")
-    comp.add_argument("--component", choices=["unet", "transformer", "vae"], default="unet")
+    comp.add_argument("--component", choices=["unet", "transformer", "vae"], default=None,
+                      help="what to export (default: the pipeline's denoiser, unet or transformer)")
     comp.add_argument("--height", type=int, default=64, help="image height in pixels (default 64)")
     comp.add_argument("--width", type=int, default=64, help="image width in pixels (default 64)")
-    comp.add_argument("--batch", type=int, default=2, help="batch the denoiser is called with (2: guidance)")
-    comp.add_argument("--format", choices=["pt2", "onnx"], default="pt2")
+    comp.add_argument("--guidance-scale", type=float, default=None,
+                      help="guidance scale the pipeline runs with (default: the pipeline's); above 1 the "
+                           "denoiser gets a batch of 2")
+    comp.add_argument("--format", choices=["pt2", "onnx", "tensorrt"], default="pt2",
+                      help="pt2: torch.export (default); onnx: onnxruntime, CPU; tensorrt: TensorRT engines, CUDA")
     comp.add_argument("--world-size", type=int, default=2)
     comp.add_argument("--mode", choices=["sync", "stale", "naive"], default="stale")
     comp.add_argument("--warmup-steps", type=int, default=4)
+    comp.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
+                      help="put the two halves of a guidance batch on two rank groups (default auto)")
     comp.add_argument("--out", type=Path, required=True, help="output directory")
 
     fid = sub.add_parser("fidelity", help="PSNR/SSIM of stale and naive patches against one device",
@@ -123,26 +139,61 @@ def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
+def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` completed from the export in ``--engines``; a clear exit if they contradict it."""
+    from distrifx.export import read_manifest
+
+    engines = options["engines"]
+    manifest = read_manifest(engines)
+    pipeline = manifest.get("pipeline")
+    if pipeline is None:
+        raise SystemExit(f"distrifx: {engines} holds no pipeline arguments (written by distrifx.export); "
+                         "generate needs an export of a pipeline's denoiser: distrifx compile or "
+                         "distrifx.export_pipeline.")
+    fixed = {"height": pipeline["height"], "width": pipeline["width"], "world_size": manifest["world_size"],
+             **manifest["options"], "cfg_parallel": "on" if manifest["cfg_split"] else "off"}
+    wrong = []
+    for key, value in fixed.items():
+        given = options.get(key)
+        if given not in (None, value) and not (key == "cfg_parallel" and given == "auto"):  # auto takes either
+            wrong.append(f"--{key.replace('_', '-')} {given} (compiled: {value})")
+    compiled, given = pipeline["guidance_scale"], options["guidance_scale"]
+    if compiled is not None and given is not None and (given > 1) != (compiled > 1):
+        wrong.append(f"--guidance-scale {given} (compiled: {compiled}; classifier-free guidance "
+                     f"{'on' if compiled > 1 else 'off'}, which sets the denoiser's batch)")
+    if wrong:
+        raise SystemExit(f"distrifx: {engines} was compiled for height={fixed['height']}, width={fixed['width']}, "
+                         f"guidance_scale={compiled}, world size {fixed['world_size']}, mode={fixed['mode']}; these "
+                         f"options differ: {'; '.join(wrong)}. Drop them (the export's are used) or compile again "
+                         "with them.")
+    return {**options, **fixed, "guidance_scale": given if given is not None else compiled}
+
+
 def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
     """One rank of ``distrifx generate`` (a process group is initialised). Rank 0 saves the PNG."""
     import torch.distributed as dist
 
     import distrifx
+    from distrifx.api import _denoiser_name
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     pipe = _load_pipeline(options["model"])
-    cfg = {"auto": "auto", "on": True, "off": False}[options["cfg_parallel"]]
-    if options["world_size"] > 1:
+    load_s = 0.0
+    if options["engines"] is not None:
+        start = time.perf_counter()
+        setattr(pipe, _denoiser_name(pipe), distrifx.load(options["engines"]))
+        load_s = time.perf_counter() - start
+    elif options["world_size"] > 1:
         pipe = distrifx.parallelize_pipeline(
             pipe, options["world_size"], mode=options["mode"], warmup_steps=options["warmup_steps"],
-            gn_variant=options["gn_variant"], cfg_parallel=cfg,
+            gn_variant=options["gn_variant"], cfg_parallel=_CFG_PARALLEL[options["cfg_parallel"]],
         )
     pipe.set_progress_bar_config(disable=rank != 0)
     start = time.perf_counter()
     image = pipe(**_pipeline_kwargs(options)).images[0]
     latency = time.perf_counter() - start
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    build = getattr(denoiser, "build_seconds", 0.0)
+    build = getattr(denoiser, "build_seconds", load_s)
     if rank == 0:
         options["out"].parent.mkdir(parents=True, exist_ok=True)
         image.save(options["out"])
@@ -153,6 +204,10 @@ def _run_generate(args: argparse.Namespace) -> int:
     import distrifx
 
     options = vars(args)
+    if args.engines is not None:
+        options = _engine_options(options)
+    else:
+        options.update({k: v for k, v in _PARALLEL_DEFAULTS.items() if options[k] is None})
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # under torchrun: we are one rank
         import torch.distributed as dist
 
@@ -165,14 +220,19 @@ def _run_generate(args: argparse.Namespace) -> int:
         dist.destroy_process_group()
         if int(os.environ["RANK"]):
             return 0
-    elif args.world_size > 1:
-        threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // args.world_size)
-        result = distrifx.launch(generate_rank, args.world_size, options, threads_per_rank=threads, timeout_s=3600)
+    elif options["world_size"] > 1:
+        threads = args.threads_per_rank or max(1, (os.cpu_count() or 1) // options["world_size"])
+        result = distrifx.launch(generate_rank, options["world_size"], options, threads_per_rank=threads,
+                                 timeout_s=3600)
     else:
         result = generate_rank(options)
     width, height = result["size"]
-    print(f"distrifx: wrote {args.out} ({width}x{height}) with {args.world_size} rank(s), mode={args.mode}: "
-          f"{result['latency_s']:.2f} s, of which {result['build_s']:.2f} s one-time graph capture and build")
+    if args.engines is not None:
+        detail = f"after {result['build_s']:.2f} s loading {args.engines}"
+    else:
+        detail = f"of which {result['build_s']:.2f} s one-time graph capture and build"
+    print(f"distrifx: wrote {args.out} ({width}x{height}) with {options['world_size']} rank(s), "
+          f"mode={options['mode']}: {result['latency_s']:.2f} s, {detail}")
     return 0
 
 
@@ -193,33 +253,29 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _component_inputs(pipe: Any, component: str, args: argparse.Namespace) -> tuple[Any, tuple, dict]:
-    """The module to export and example inputs at the requested resolution."""
-    from distrifx.models import transformer_inputs, unet_inputs
-    from distrifx.vae import VaeDecode
-
-    scale = getattr(pipe, "vae_scale_factor", 1)
-    rows, cols = args.height // scale, args.width // scale
-    tokens = getattr(getattr(pipe, "tokenizer", None), "model_max_length", 2)
-    if component == "vae":
-        z = torch.randn(1, pipe.vae.config.latent_channels, rows, cols)
-        return VaeDecode(pipe.vae), (z,), {}
-    model = getattr(pipe, component, None)
-    if model is None:
-        raise SystemExit(f"distrifx: the pipeline has no {component!r}")
-    make = unet_inputs if component == "unet" else transformer_inputs
-    model_args, kwargs = make(model, args.batch, rows, cols, tokens=tokens)
-    return model, model_args, kwargs
-
-
 def _run_compile(args: argparse.Namespace) -> int:
     import distrifx
+    from distrifx.api import _denoiser_name
+    from distrifx.vae import VaeDecode
 
     pipe = _load_pipeline(args.model)
-    model, model_args, kwargs = _component_inputs(pipe, args.component, args)
+    pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
+    options = dict(mode=args.mode, warmup_steps=args.warmup_steps, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel],
+                   format=args.format)
     start = time.perf_counter()
-    manifest = distrifx.export(model, args.out, args.world_size, args=model_args, kwargs=kwargs, mode=args.mode,
-                               warmup_steps=args.warmup_steps, format=args.format)
+    if args.component == "vae":
+        if getattr(pipe, "vae", None) is None:
+            raise SystemExit("distrifx: the pipeline has no 'vae' to export")
+        scale = pipe.vae_scale_factor
+        z = torch.randn(1, pipe.vae.config.latent_channels, args.height // scale, args.width // scale)
+        manifest = distrifx.export(VaeDecode(pipe.vae), args.out, args.world_size, args=(z,), **options)
+    else:
+        name = _denoiser_name(pipe)
+        if args.component not in (None, name):
+            raise SystemExit(f"distrifx: the pipeline's denoiser is {name!r}, not {args.component!r}: "
+                             f"pass --component {name} or leave it out")
+        manifest = distrifx.export_pipeline(pipe, args.out, args.world_size, height=args.height, width=args.width,
+                                            guidance_scale=args.guidance_scale, **options)
     print(f"distrifx: wrote {manifest} ({args.format}, {args.world_size} ranks, mode={args.mode}) "
           f"in {time.perf_counter() - start:.1f} s")
     return 0

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+import torch
 from PIL import Image
 
+from distrifx.cli import main
+from distrifx.default_model import load_default_pipeline
 from distrifx.models import tiny_pipeline
 
 
@@ -40,3 +46,40 @@ def test_generate_loads_a_local_diffusers_directory(tmp_path):
     _distrifx("generate", "--model", str(tmp_path / "model"), "--world-size", "2", "--steps", "2",
               "--mode", "sync", "--threads-per-rank", "1", "--out", str(out))
     assert Image.open(out).size == (32, 32)
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    """The default model's denoiser compiled for 2 ranks at 32x32 (the default guidance: a CFG split)."""
+    out = tmp_path_factory.mktemp("engines")
+    main(["compile", "--world-size", "2", "--format", "pt2", "--mode", "sync", "--height", "32", "--width", "32",
+          "--out", str(out)])
+    return out
+
+
+def test_generate_runs_compiled_engines_and_equals_one_device(engines, tmp_path, capsys):
+    """In this process (its imports are done): compile, then generate spawning two gloo ranks."""
+    manifest = json.loads((engines / "manifest.json").read_text())
+    assert manifest["pipeline"] == {"height": 32, "width": 32, "guidance_scale": 3.0} and manifest["cfg_split"]
+    out = tmp_path / "engines.png"
+    main(["generate", "--engines", str(engines), "--prompt", "red circle", "--steps", "3", "--threads-per-rank", "1",
+          "--out", str(out)])
+    stdout = capsys.readouterr().out
+    assert f"wrote {out} (32x32) with 2 rank(s), mode=sync" in stdout and f"loading {engines}" in stdout
+    pipe = load_default_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("red circle", height=32, width=32, num_inference_steps=3,
+                    generator=torch.Generator().manual_seed(0)).images[0]
+    difference = np.abs(np.asarray(Image.open(out), dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 1
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--height", "64"], r"--height 64 \(compiled: 32\)"),
+    (["--guidance-scale", "1.0"], r"--guidance-scale 1.0 \(compiled: 3.0; classifier-free guidance on"),
+    (["--mode", "stale", "--world-size", "4"], r"--world-size 4 \(compiled: 2\); --mode stale \(compiled: sync\)"),
+])
+def test_generate_refuses_options_the_engines_were_not_compiled_for(engines, options, message):
+    with pytest.raises(SystemExit, match=f"was compiled for height=32, width=32, guidance_scale=3.0, world size 2, "
+                                         f"mode=sync; these options differ: {message}"):
+        main(["generate", "--engines", str(engines), *options])
