@@ -34,7 +34,7 @@ def test_world_size_differs_from_simulated_group():
         ({"gn_variant": "x"}, "gn_variant='x' is not valid"),
         ({"warmup_steps": -1}, "warmup_steps=-1 must be an int >= 0"),
         ({"cfg_parallel": "yes"}, "cfg_parallel='yes'"),
-        ({"backend": "tensorrt"}, "backend='tensorrt' is not valid"),
+        ({"backend": "tvm"}, "backend='tvm' is not valid; choose one of 'eager', 'inductor', 'tensorrt'"),
     ],
 )
 def test_invalid_options(options, message):
