@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 __all__ = ["BenchCase", "run_case", "run_cases", "markdown_table", "machine_description", "plot_results",
-           "write_results"]
+           "write_results", "read_results", "write_json", "run_vae_memory", "vae_memory_table"]
 
 
 @dataclass(frozen=True)
@@ -35,13 +35,16 @@ class BenchCase:
     mode: str = "stale"  # "eager" is the unmodified model on one rank (the baseline)
     steps: int = 8
     warmup_steps: int = 4
+    gn_variant: str = "corrected"  # stale mode's GroupNorm statistics
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
+    transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
 
     @property
     def label(self) -> str:
-        kind = " (one rank timed alone)" if self.projected else ""
-        return f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} {self.mode}{kind}"
+        kind = " (one rank timed alone)" if self.projected else "" if self.transport else " (no transport)"
+        gn = f" GN {self.gn_variant}" if self.mode == "stale" and self.gn_variant != "corrected" else ""
+        return f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} {self.mode}{gn}{kind}"
 
 
 def _inputs(unet: torch.nn.Module, case: BenchCase) -> tuple[tuple, dict]:
@@ -61,12 +64,16 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
     unet = random_unet(case.model)
     (sample, _), kwargs = _inputs(unet, case)
     timesteps = torch.linspace(999, 1, case.steps).round().long()
-    group = TimingCommunicator(min(1, case.world_size - 1), case.world_size, 60.0) if case.projected else None
+    group = None
+    if case.projected:
+        group = TimingCommunicator(min(1, case.world_size - 1), case.world_size, 60.0)
+    elif not case.transport:
+        group = TimingCommunicator(dist.get_rank(), case.world_size, 60.0)
     if case.mode == "eager":
         model, pmodel = unet, None
     else:
         pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
-                                      cfg_parallel=False, process_group=group)
+                                      gn_variant=case.gn_variant, cfg_parallel=False, process_group=group)
         model = pmodel
     steps = []
     with torch.no_grad():
@@ -142,6 +149,9 @@ def run_cases(cases: list[BenchCase], progress: bool = True) -> list[dict[str, A
 
 
 def machine_description() -> str:
+    """CPU model and cores, GPU if any, torch and python versions."""
+    import os
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -150,10 +160,24 @@ def machine_description() -> str:
                 break
     except OSError:
         pass
+    gpu = (f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}, nccl" if torch.cuda.is_available()
+           else "no GPU, gloo over loopback")
+    return f"{cpu}, {os.cpu_count()} cores, {gpu}; torch {torch.__version__}, python {platform.python_version()}"
+
+
+def write_json(out_dir: Path, command: str, results: Any) -> None:
+    """``results.json``: the results with the machine, date and command that produced them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     import os
 
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}, "
-            f"gloo over loopback")
+    record = {"machine": machine_description(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
+              "command": command, "results": results}
+    (out_dir / "results.json").write_text(json.dumps(record, indent=2))
+
+
+def read_results(out_dir: Path) -> dict[str, Any]:
+    """What :func:`write_json` wrote to ``out_dir``."""
+    return json.loads((out_dir / "results.json").read_text())
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
@@ -170,8 +194,8 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
 
 
 def write_results(results: list[dict[str, Any]], out_dir: Path, command: str) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    """JSON, a markdown table and the plots of a bench run."""
+    write_json(out_dir, command, results)
     plots = plot_results(results, out_dir)
     images = "\n".join(f"![{p.stem}]({p.name})" for p in plots)
     (out_dir / "results.md").write_text(
@@ -193,7 +217,7 @@ def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for r in results:
         c = r["case"]
         if c["mode"] != "eager" and r["speedup"] is not None:
-            key = f"{c['model']} {c['height']}x{c['width']} {c['mode']}" + (" (one rank alone)" if c["projected"] else "")
+            key = r["label"].replace(f" N={c['world_size']}", "")
             series.setdefault(key, []).append((c["world_size"], r["speedup"]))
     sizes = sorted({n for points in series.values() for n, _ in points} | {1})
     ax.plot(sizes, sizes, "k--", label="ideal N x")
@@ -223,3 +247,59 @@ def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=130)
     plt.close(fig)
     return paths
+
+
+# SD's VAE architecture: what the decoder-memory benchmark decodes with (random weights).
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, norm_num_groups=32,
+)
+
+
+def _rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def vae_memory_rank(latent: int) -> dict[str, float]:
+    """Decode one (1, 4, latent, latent) latent on this rank; peak memory and the part decoding added."""
+    import torch.distributed as dist
+    from diffusers import AutoencoderKL
+
+    import distrifx
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**SD_VAE).eval()
+    z = torch.randn(1, 4, latent, latent, generator=torch.Generator().manual_seed(0))
+    world = dist.get_world_size()
+    decode = distrifx.parallelize_vae_decoder(vae, world) if world > 1 else vae.decode
+    if world > 1:
+        decode.program(z)  # capture and build first: their memory is not the decoder's activations
+    before = _rss_bytes()
+    start = time.perf_counter()
+    with torch.no_grad():
+        image = decode(z).sample
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"seconds": seconds, "pixels": image.shape[-1], "peak_bytes": peak, "decode_bytes": peak - before}
+
+
+def run_vae_memory(latent: int, world_sizes: list[int]) -> list[dict[str, Any]]:
+    """Peak and decoding memory of the worst rank, per world size (each in fresh processes)."""
+    from distrifx.launch import launch
+
+    rows = []
+    for n in world_sizes:
+        ranks = launch(vae_memory_rank, n, latent, threads_per_rank=1, timeout_s=3600, all_ranks=True)
+        worst = max(ranks, key=lambda r: r["decode_bytes"])
+        rows.append({"world_size": n, "latent": latent, **worst, "seconds": max(r["seconds"] for r in ranks)})
+    return rows
+
+
+def vae_memory_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| ranks | image | peak RSS / rank (GiB) | added by decoding / rank (GiB) |", "|---|---|---|---|"]
+    lines += [f"| {r['world_size']} | {r['pixels']}x{r['pixels']} | {r['peak_bytes'] / 2**30:.2f} | "
+              f"{r['decode_bytes'] / 2**30:.2f} |" for r in rows]
+    return "\n".join(lines)

@@ -75,7 +75,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--modes", nargs="+", default=["sync", "stale", "naive"], choices=["sync", "stale", "naive"])
     bench.add_argument("--steps", type=int, default=8, help="denoising steps per run (default 8)")
     bench.add_argument("--warmup-steps", type=int, default=4, help="stale-mode warm-up steps (default 4)")
+    bench.add_argument("--gn-variants", nargs="+", default=["corrected"],
+                       choices=["corrected", "sync", "stale", "separate"],
+                       help="stale mode's GroupNorm statistics to sweep (default corrected)")
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    bench.add_argument("--no-transport", action="store_true",
+                       help="also run stale mode's ranks together with collectives that return at once: "
+                            "what the ranks cost each other on this machine, without the transport")
+    bench.add_argument("--component", choices=["unet", "vae"], default="unet",
+                       help="unet: step latency, speedup and communication (default); vae: peak memory of SD's "
+                            "VAE decoder per rank at each world size (--latent's first size, world size 1 included)")
     bench.add_argument("--project", type=int, nargs="*", default=[],
                        help="world sizes too large for this machine: time one rank alone (compute only)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
@@ -112,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     fid.add_argument("--steps", type=int, default=20)
     fid.add_argument("--out", type=Path, default=Path("fidelity-results"))
+
+    rep = sub.add_parser("report", help="run the benchmark suite and write benchmarks.md from its results",
+                         description="Run every benchmark section (speed at 64x64 and 128x128, fidelity, VAE "
+                                     "memory; about 30 minutes on 2 cores) into OUT/bench/<section>/ and render "
+                                     "OUT/benchmarks.md from the results.")
+    rep.add_argument("--out", type=Path, default=Path("docs"), help="docs directory (default docs)")
+    rep.add_argument("--suite", choices=["docs", "tiny"], default="docs",
+                     help="docs: the published numbers; tiny: every section in about a minute (default docs)")
+    rep.add_argument("--sections", nargs="+", default=None, help="run only these sections (others are reused)")
+    rep.add_argument("--reuse", action="store_true", help="do not rerun sections that already have results")
     return parser
 
 
@@ -236,16 +255,33 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_vae_bench(args: argparse.Namespace, command: str) -> int:
+    from distrifx.bench import run_vae_memory, vae_memory_table, write_json
+
+    rows = run_vae_memory(args.latent[0], sorted({1, *args.world_sizes}))
+    write_json(args.out, command, rows)
+    table = vae_memory_table(rows)
+    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n")
+    print(table)
+    return 0
+
+
 def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     from distrifx.bench import BenchCase, markdown_table, run_cases, write_results
 
+    if args.component == "vae":
+        return _run_vae_bench(args, "distrifx " + " ".join(argv))
     cases = []
     for latent in args.latent:
         common = dict(model=args.model, height=latent, width=latent, batch=args.batch, steps=args.steps,
                       warmup_steps=args.warmup_steps, threads=args.threads)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
-        cases += [BenchCase(world_size=n, mode=m, **common) for n in args.world_sizes for m in args.modes]
-        cases += [BenchCase(world_size=n, mode=m, projected=True, **common) for n in args.project for m in args.modes]
+        variants = [dict(mode=m, gn_variant=g) for m in args.modes
+                    for g in (args.gn_variants if m == "stale" else ["corrected"])]
+        cases += [BenchCase(world_size=n, **v, **common) for n in args.world_sizes for v in variants]
+        cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
+        if args.no_transport:
+            cases += [BenchCase(world_size=n, mode="stale", transport=False, **common) for n in args.world_sizes]
     results = run_cases(cases)
     write_results(results, args.out, "distrifx " + " ".join(argv))
     print(markdown_table(results))
@@ -282,8 +318,7 @@ def _run_compile(args: argparse.Namespace) -> int:
 
 
 def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
-    import json
-
+    from distrifx.bench import write_json
     from distrifx.default_model import load_default_pipeline
     from distrifx.fidelity import FidelityCase, fidelity_figure, fidelity_table, run_fidelity
 
@@ -293,8 +328,7 @@ def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [FidelityCase(n, "stale", max(args.warmups), v) for v in args.gn_variants if v != "corrected"]
         cases.append(FidelityCase(n, "naive"))
     rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "results.json").write_text(json.dumps(rows, indent=2))
+    write_json(args.out, "distrifx " + " ".join(argv), rows)
     table = fidelity_table(rows)
     fidelity_figure({k: v for k, v in images.items() if "GN" not in k or "corrected" in k}, rows, args.out / "images.png")
     (args.out / "results.md").write_text(f"Command: `distrifx {' '.join(argv)}`\n\n{table}\n\n![images](images.png)\n")
@@ -309,6 +343,11 @@ def main(argv: list[str] | None = None) -> int:
         return _run_generate(args)
     if args.command == "bench":
         return _run_bench(args, argv)
+    if args.command == "report":
+        from distrifx.report import report
+
+        print(f"distrifx: wrote {report(args.out, args.suite, args.sections, args.reuse)}")
+        return 0
     if args.command == "fidelity":
         return _run_fidelity(args, argv)
     if args.command == "compile":

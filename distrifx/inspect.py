@@ -58,6 +58,14 @@ class Plan:
     def bytes_per_step(self, phase: str) -> int:
         return sum(s.bytes_sent for s in self.sites(phase))
 
+    def bytes_by_kind(self, phase: str) -> dict[str, tuple[int, int]]:
+        """``{kind: (exchanges, bytes this rank sends per step)}`` for ``phase``."""
+        out: dict[str, tuple[int, int]] = {}
+        for s in self.sites(phase):
+            count, sent = out.get(s.kind, (0, 0))
+            out[s.kind] = (count + 1, sent + s.bytes_sent)
+        return out
+
     def summary(self) -> str:
         """A human-readable table of exchanges per phase."""
         out = [f"distrifx plan: world_size={self.config.world_size}, rank={self.rank}, "

@@ -30,20 +30,44 @@ def test_metrics_refuse_mismatched_shapes():
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 4))
 
 
-def test_bench_runs_end_to_end(tmp_path):
-    out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "distrifx", "bench", "--model", "sd15", "--latent", "16", "--steps", "3",
-           "--warmup-steps", "1", "--world-sizes", "2", "--modes", "stale", "naive", "--project", "4",
-           "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=600, capture_output=True)
-    results = json.loads((out / "results.json").read_text())
-    labels = [r["label"] for r in results]
+def test_report_runs_every_section_end_to_end(tmp_path):
+    """`distrifx report --suite tiny`: bench, fidelity and VAE memory run, and the page is rendered from them."""
+    cmd = [sys.executable, "-m", "distrifx", "report", "--suite", "tiny", "--out", str(tmp_path)]
+    subprocess.run(cmd, check=True, timeout=900, capture_output=True)
+    bench = json.loads((tmp_path / "bench" / "sd15-16" / "results.json").read_text())
+    assert bench["command"].startswith("distrifx bench --model sd15") and "no GPU" in bench["machine"]
+    labels = [r["label"] for r in bench["results"]]
     assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale", "sd15 16x16 b1 N=2 naive",
-                      "sd15 16x16 b1 N=4 stale (one rank timed alone)", "sd15 16x16 b1 N=4 naive (one rank timed alone)"]
-    by_label = dict(zip(labels, results))
+                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", "sd15 16x16 b1 N=2 naive (one rank timed alone)",
+                      "sd15 16x16 b1 N=2 stale (no transport)"]
+    by_label = dict(zip(labels, bench["results"]))
     stale = by_label["sd15 16x16 b1 N=2 stale"]
     assert stale["bytes_sent_per_step"] > 0 and stale["state_bytes"] > 0
     assert len(stale["per_rank"]) == 2 and stale["speedup"] > 0
     assert by_label["sd15 16x16 b1 N=2 naive"]["state_bytes"] == 0
-    assert (out / "speedup.png").stat().st_size > 0 and (out / "breakdown.png").stat().st_size > 0
-    assert "| config |" in (out / "results.md").read_text()
+    assert (tmp_path / "bench" / "sd15-16" / "speedup.png").stat().st_size > 0
+
+    vae = json.loads((tmp_path / "bench" / "vae-memory" / "results.json").read_text())["results"]
+    assert [r["world_size"] for r in vae] == [1, 2] and all(r["decode_bytes"] > 0 for r in vae)
+
+    page = (tmp_path / "benchmarks.md").read_text()
+    for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
+                     "two stale ranks run together with collectives that return at once",
+                     "## Bytes per step, by exchange", "| kv | 8 |", "## Fidelity on the trained default model",
+                     "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
+                     f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
+                     f"--steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
+        assert expected in page, expected
+
+    stamps = {p: p.stat().st_mtime for p in (tmp_path / "bench").glob("*/results.json")}
+    subprocess.run([*cmd, "--reuse"], check=True, timeout=300, capture_output=True)
+    assert {p: p.stat().st_mtime for p in (tmp_path / "bench").glob("*/results.json")} == stamps  # nothing reran
+    assert (tmp_path / "benchmarks.md").read_text() == page
+
+
+def test_report_refuses_an_unknown_section(tmp_path):
+    from distrifx.errors import ConfigError
+    from distrifx.report import run_suite
+
+    with pytest.raises(ConfigError, match=r"no section \['speed'\] in suite 'tiny'; its sections are"):
+        run_suite(tmp_path, "tiny", sections=["speed"])

@@ -1,0 +1,264 @@
+"""``distrifx report``: run the benchmark suite and write ``benchmarks.md`` from its results.
+
+Each section is one ``distrifx`` command whose ``results.json`` (with the machine, date and
+command) lands in ``<out>/bench/<section>/``; the page is rendered from those files only, so
+``--reuse`` re-renders it without rerunning anything. The prose states what the numbers show
+and whether each target is met; it is computed from the results, never written by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from distrifx.bench import markdown_table, read_results, vae_memory_table
+from distrifx.errors import ConfigError
+from distrifx.fidelity import fidelity_table
+
+__all__ = ["SUITES", "run_suite", "render", "report"]
+
+SPEEDUP_TARGET = 1.9  # 2-rank stale, half-width SD 1.5, 64x64 latent, this CPU
+FIDELITY_TARGET_DB = 20.0  # stale above naive, PSNR against one device
+
+# section -> the distrifx command that produces it (``--out`` is appended).
+SUITES: dict[str, dict[str, tuple[str, ...]]] = {
+    "docs": {
+        "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
+                         "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "8", "--threads", "1",
+                         "--project", "2", "4", "8", "--no-transport"),
+        "sd15-half-128": ("bench", "--model", "sd15-half", "--latent", "128", "--world-sizes", "2", "--modes", "sync",
+                          "stale", "naive", "--steps", "6", "--warmup-steps", "3", "--threads", "1"),
+        "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--seeds", "0", "1", "2",
+                     "--size", "32"),
+        "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
+    },
+    # A minute on two cores: every section's code path, for the tests.
+    "tiny": {
+        "sd15-16": ("bench", "--model", "sd15", "--latent", "16", "--world-sizes", "2", "--modes", "stale", "naive",
+                    "--steps", "3", "--warmup-steps", "1", "--project", "2", "--no-transport"),
+        "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--seeds", "0",
+                     "--size", "32", "--steps", "3"),
+        "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
+    },
+}
+
+
+def _command(argv: Sequence[str], out: Path) -> list[str]:
+    return [*argv, "--out", str(out)]
+
+
+def run_suite(out: Path, suite: str = "docs", sections: Sequence[str] | None = None, reuse: bool = False) -> None:
+    """Run the suite's commands (or only ``sections``); with ``reuse``, skip those already measured."""
+    from distrifx.cli import main
+
+    unknown = sorted(set(sections or ()) - set(SUITES[suite]))
+    if unknown:
+        raise ConfigError(f"distrifx report: no section {unknown} in suite {suite!r}; its sections are "
+                          f"{list(SUITES[suite])}")
+    for key, argv in SUITES[suite].items():
+        target = out / "bench" / key
+        if (sections and key not in sections) or (reuse and (target / "results.json").exists()):
+            continue
+        main(_command(argv, target))
+
+
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "**not met**"
+
+
+def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool = False,
+          transport: bool = True) -> dict[str, Any] | None:
+    """The result of ``mode`` at ``world`` ranks, stale mode with its default (corrected) GroupNorm."""
+    return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
+                 and r["case"]["projected"] == projected and r["case"]["transport"] == transport
+                 and r["case"]["gn_variant"] == "corrected"), None)
+
+
+def _model_line(results: list[dict[str, Any]]) -> str:
+    from distrifx.models import UNET_CONFIGS
+
+    case = results[0]["case"]
+    config = UNET_CONFIGS[case["model"]]
+    return (f"UNet `{case['model']}` (`distrifx.models.UNET_CONFIGS`: block_out_channels="
+            f"{tuple(config['block_out_channels'])}, cross-attention dim {config['cross_attention_dim']}, "
+            f"random weights), batch {case['batch']}, {case['height']}x{case['width']} latent, 77 text tokens, "
+            f"{case['steps']} denoising steps; median step after the first call (stale: after its "
+            f"{case['warmup_steps']} warm-up steps), slowest rank.")
+
+
+def _pct(value: float, base: float) -> str:
+    return f"{100 * (value / base - 1):+.0f}%"
+
+
+def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
+    """What a speed table shows, from its numbers."""
+    eager = _find(results, "eager", 1)
+    out = []
+    crowded = sorted({r["case"]["world_size"] * r["case"]["threads"] for r in results if not r["case"]["projected"]
+                      and r["case"]["world_size"] * r["case"]["threads"] > cpu_count})
+    if crowded:
+        out.append(f"Runs with {', '.join(map(str, crowded))} threads in all share this machine's {cpu_count} cores "
+                   f"(oversubscribed): their speedups measure the machine, not the method.")
+    for mode in ("stale", "sync", "naive"):
+        for r in results:
+            c = r["case"]
+            if c["mode"] == mode and not c["projected"] and c["transport"] and r["speedup"] is not None:
+                out.append(f"{r['label'].split(' b1 ')[-1]}: {r['speedup']:.2f}x over one rank, "
+                           f"{100 * r['exposed_comm_frac']:.1f}% of the step blocked in waits, "
+                           f"{r['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step.")
+    stale, alone = _find(results, "stale", 2), _find(results, "stale", 2, projected=True)
+    together = _find(results, "stale", 2, transport=False)
+    if stale and alone and eager:
+        out.append(
+            f"One stale rank timed alone (collectives return at once) computes its step in {alone['step_s']:.3f} s, "
+            f"a {eager['step_s'] / alone['step_s']:.2f}x speedup over the unmodified model: the bound on this "
+            f"machine without transport and without two ranks sharing the cores.")
+    if stale and alone and together:
+        out.append(
+            f"Where the rest goes: two stale ranks run together with collectives that return at once take "
+            f"{together['step_s']:.3f} s per step ({_pct(together['step_s'], alone['step_s'])} over one rank alone: "
+            f"the two processes share two cores and their caches and memory bandwidth); with gloo moving the bytes "
+            f"a rank computes for {stale['compute_s']:.3f} s ({_pct(stale['compute_s'], together['step_s'])}: "
+            f"gloo's send/receive threads run on the same two cores) and waits {stale['exposed_comm_s']:.3f} s.")
+    if any(r["case"]["projected"] and r["case"]["world_size"] > 2 for r in results):
+        out.append("Rows marked *one rank timed alone* at larger N are compute-only bounds for world sizes this "
+                   "machine cannot run: they include no communication and are not measured speedups.")
+    return out
+
+
+def _speed_section(key: str, record: dict[str, Any]) -> str:
+    results = record["results"]
+    stale = _find(results, "stale", 2)
+    lines = [f"## Speed: {key}", "", _model_line(results), "", f"```bash\n{record['command']}\n```", "",
+             markdown_table(results), "", f"![speedup](bench/{key}/speedup.png) "
+             f"![breakdown](bench/{key}/breakdown.png)", ""]
+    lines += [f"- {finding}" for finding in _speed_findings(results, record["cpu_count"])]
+    case = results[0]["case"]
+    if stale and (case["model"], case["height"]) == ("sd15-half", 64):
+        lines.append(f"- Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
+                     f"({stale['speedup']:.2f}x).")
+    return "\n".join(lines)
+
+
+def _bytes_section(record: dict[str, Any]) -> str:
+    """Bytes per exchange kind from the compiler's plan for the first speed section's configuration."""
+    import distrifx
+    from distrifx.models import random_unet, unet_inputs
+
+    case = record["results"][0]["case"]
+    unet = random_unet(case["model"])
+    args, kwargs = unet_inputs(unet, case["batch"], case["height"], case["width"], tokens=77)
+    plan = distrifx.explain(unet, args, kwargs, world_size=2, mode="stale")
+    stale = _find(record["results"], "stale", 2)
+    lines = ["## Bytes per step, by exchange", "",
+             f"Rank 0 of 2 in stale mode, same model and latent as above, from the compiler's plan "
+             f"(`distrifx.explain(unet, args, kwargs, world_size=2, mode='stale').bytes_by_kind('stale')`):", "",
+             "| exchange | count | sent by rank 0 per step (MiB) |", "|---|---|---|"]
+    for kind, (count, sent) in sorted(plan.bytes_by_kind("stale").items()):
+        lines.append(f"| {kind} | {count} | {sent / 2**20:.2f} |")
+    if stale:
+        lines += ["", f"Stale buffers (what the next step reads: gathered K/V, neighbours' halo rows, per-rank "
+                      f"GroupNorm statistics): {stale['state_bytes'] / 2**20:.1f} MiB per rank."]
+    return "\n".join(lines)
+
+
+def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
+    """Per world size: the default stale configuration and the best one against naive, and the target."""
+    from distrifx.fidelity import FidelityCase
+
+    def mean(label: str) -> float:
+        mine = [min(r["psnr_db"], 99.0) for r in rows if r["label"] == label]
+        return sum(mine) / len(mine)
+
+    out = []
+    for world in sorted({r["world_size"] for r in rows}):
+        labels = {r["label"] for r in rows if r["world_size"] == world}
+        naive, default = FidelityCase(world, "naive").label, FidelityCase(world, "stale").label
+        stale = sorted((label for label in labels if label != naive), key=mean)
+        if naive not in labels or not stale:
+            continue
+        for what, label in (("default", default), ("best", stale[-1])):
+            if label in labels and (what == "default" or label != default):
+                gap = mean(label) - mean(naive)
+                out.append(f"N={world}, {what} stale configuration ({label}): {mean(label):.1f} dB against naive "
+                           f"{mean(naive):.1f} dB, {gap:+.1f} dB; target +{FIDELITY_TARGET_DB:.0f} dB "
+                           f"{_verdict(gap >= FIDELITY_TARGET_DB)}.")
+    return out
+
+
+def _fidelity_section(key: str, record: dict[str, Any]) -> str:
+    rows = record["results"]
+    lines = ["## Fidelity on the trained default model", "",
+             "The default model (`distrifx/assets/default_model`, trained here on procedural shapes); PSNR/SSIM "
+             "(torchmetrics) of each configuration's image against the single-device image of the same seed and "
+             "prompt. Ranks are simulated in one process (the arithmetic is the one real ranks do).", "",
+             f"```bash\n{record['command']}\n```", "", fidelity_table(rows), "", f"![fidelity](bench/{key}/images.png)",
+             ""]
+    lines += [f"- {finding}" for finding in _fidelity_findings(rows)]
+    return "\n".join(lines)
+
+
+def _vae_section(record: dict[str, Any]) -> str:
+    rows = record["results"]
+    lines = ["## VAE decoder memory", "",
+             "SD's VAE architecture (random weights) decoding one latent: peak resident memory per rank, and the "
+             "part added by decoding (what patch parallelism divides).", "",
+             f"```bash\n{record['command']}\n```", "", vae_memory_table(rows)]
+    one = next((r for r in rows if r["world_size"] == 1), None)
+    if one:
+        lines += [""] + [f"- {r['world_size']} ranks: {100 * r['decode_bytes'] / one['decode_bytes']:.0f}% of one "
+                         f"rank's decoding memory per rank (ideal {100 / r['world_size']:.0f}%)."
+                         for r in rows if r["world_size"] > 1]
+    return "\n".join(lines)
+
+
+def _gpu_section(records: dict[str, dict[str, Any]]) -> str:
+    gpus = sorted({r["machine"] for r in records.values() if "no GPU" not in r["machine"]})
+    if gpus:
+        return "## GPU\n\nSections above that ran on a GPU say so in their machine line:\n\n" + "\n".join(
+            f"- {g}" for g in gpus)
+    return ("## GPU\n\nNo GPU was available to any command on this page: there are no GPU numbers, measured or "
+            "projected. `distrifx bench` times CPU ranks only; timing GPU ranks (nccl) is not implemented yet.")
+
+
+def render(out: Path, suite: str = "docs") -> str:
+    """The page, from the suite's ``results.json`` files under ``out/bench``."""
+    records = {key: read_results(out / "bench" / key) for key in SUITES[suite]
+               if (out / "bench" / key / "results.json").exists()}
+    if not records:
+        raise FileNotFoundError(f"no results under {out / 'bench'}: run `distrifx report --out {out}` first")
+    machines = sorted({r["machine"] for r in records.values()})
+    dates = sorted({r["date"] for r in records.values()})
+    command = f"distrifx report --out {out}" + ("" if suite == "docs" else f" --suite {suite}")
+    head = ["# Benchmarks", "",
+            f"Generated by `{command}` from the results of the commands shown with each table "
+            f"(measured {dates[0]}{' to ' + dates[-1] if len(dates) > 1 else ''}); "
+            f"`{command} --reuse` re-renders it without rerunning. Raw JSON and plots are in "
+            "`bench/<section>/`.", "",
+            *(f"**Machine:** {m}." for m in machines), "",
+            "Ranks are local processes with one torch thread each; the single-rank baseline is the unmodified model "
+            "in one process with one thread."]
+    sections = ["\n".join(head)]
+    suite_argv = SUITES[suite]
+    speed = [k for k in records if suite_argv[k][0] == "bench" and "--component" not in suite_argv[k]]
+    sections += [_speed_section(key, records[key]) for key in speed]
+    if speed:
+        sections.append(_bytes_section(records[speed[0]]))
+    for key, record in records.items():
+        if suite_argv[key][0] == "fidelity":
+            sections.append(_fidelity_section(key, record))
+        elif "--component" in suite_argv[key]:
+            sections.append(_vae_section(record))
+    sections.append(_gpu_section(records))
+    sections.append("## Compile and export\n\nEager vs inductor vs pt2 vs onnx step and compile times: "
+                    "[compile.md](compile.md).")
+    return "\n\n".join(sections) + "\n"
+
+
+def report(out: Path, suite: str = "docs", sections: Sequence[str] | None = None, reuse: bool = False) -> Path:
+    """Run the suite (see :func:`run_suite`) and write ``out/benchmarks.md``; return its path."""
+    run_suite(out, suite, sections, reuse)
+    page = out / "benchmarks.md"
+    page.write_text(render(out, suite))
+    return page
