@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--engines", type=Path, default=None,
                      help="a distrifx compile output: every rank runs its denoiser from these files (distrifx.load); "
                           "height, width, guidance and the parallel options are the export's")
+    gen.add_argument("--allow-native-code", action="store_true",
+                     help="with --engines: open an aoti export's compiled libraries (native code; only exports "
+                          "you trust)")
     _add_parallel_options(gen)
 
     bench = sub.add_parser("bench", help="measure speedup, exposed communication, bytes and memory",
@@ -102,8 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--guidance-scale", type=float, default=None,
                       help="guidance scale the pipeline runs with (default: the pipeline's); above 1 the "
                            "denoiser gets a batch of 2")
-    comp.add_argument("--format", choices=["pt2", "onnx", "tensorrt"], default="pt2",
-                      help="pt2: torch.export (default); onnx: onnxruntime, CPU; tensorrt: TensorRT engines, CUDA")
+    comp.add_argument("--format", choices=["pt2", "aoti", "onnx", "tensorrt"], default="pt2",
+                      help="pt2: torch.export (default); aoti: AOTInductor-compiled packages (native code, needs a "
+                           "C++ compiler); onnx: onnxruntime, CPU; tensorrt: TensorRT engines, CUDA")
     comp.add_argument("--world-size", type=int, default=2)
     comp.add_argument("--mode", choices=["sync", "stale", "naive"], default="stale")
     comp.add_argument("--warmup-steps", type=int, default=4)
@@ -200,7 +204,8 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
     load_s = 0.0
     if options["engines"] is not None:
         start = time.perf_counter()
-        setattr(pipe, _denoiser_name(pipe), distrifx.load(options["engines"]))
+        loaded = distrifx.load(options["engines"], allow_native_code=options["allow_native_code"])
+        setattr(pipe, _denoiser_name(pipe), loaded)
         load_s = time.perf_counter() - start
     elif options["world_size"] > 1:
         pipe = distrifx.parallelize_pipeline(

@@ -4,8 +4,9 @@
 compute segments and collectives (:func:`~distrifx.backends.split_segments`), runs the ranks in
 simulation to get example inputs for every segment, and writes
 
-- ``segments/NNN.pt2`` (``torch.export``, weights inside), ``segments/NNN.onnx`` (ONNX, weights
-  inside or in ``NNN.onnx.data`` beside it) or ``segments/NNN.ep`` (TensorRT engines in an exported
+- ``segments/NNN.pt2`` (``torch.export``, weights inside), ``segments/NNN.aoti.pt2`` (an
+  AOTInductor package: compiled kernels and weights), ``segments/NNN.onnx`` (ONNX, weights inside
+  or in ``NNN.onnx.data`` beside it) or ``segments/NNN.ep`` (TensorRT engines in an exported
   program): one file per distinct compute segment (ranks and phases share identical ones);
 - ``manifest.json``: versions, world size, options and CFG split, what pipelines read from the model
   (config, dtype, device), the input signature and pytree specs, each file's sha256, and per patch
@@ -16,8 +17,9 @@ simulation to get example inputs for every segment, and writes
 returns a module that runs this rank's stored program: segments from the files, collectives by
 the communicator between them, the batch halves of a CFG split on two rank groups, steps and
 phases tracked exactly like :class:`~distrifx.runtime.module.ParallelModule`. It can replace
-``pipe.unet`` in a diffusers pipeline. Only JSON, ``torch.export`` archives and ONNX files are
-read; nothing is unpickled.
+``pipe.unet`` in a diffusers pipeline. Only JSON, ``torch.export`` archives, ONNX files and
+TensorRT programs are read; nothing is unpickled. AOTInductor packages hold native code, which
+opening them runs: :func:`load` opens them only with ``allow_native_code=True``.
 
 :func:`export_pipeline` exports a pipeline's denoiser as the pipeline calls it.
 """
@@ -57,7 +59,7 @@ from torch.utils._pytree import (
 )
 
 from distrifx.api import _communicator, _denoiser_name
-from distrifx.backends import is_segment, segments, split_segments, tensorrt
+from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
 from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
 from distrifx.config import GNVariant, KVExchange, Mode, ParallelConfig
@@ -65,7 +67,7 @@ from distrifx.errors import ArtifactError, ConfigError, DistrifxError, InputSign
 from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
 from distrifx.runtime.cfg import CfgSplit, batch_half, batch_size, local_call, wants_split
-from distrifx.runtime.comm import CommStats, Communicator, SimulatedGroup
+from distrifx.runtime.comm import CommStats, Communicator, SimulatedGroup, check_same_inputs
 from distrifx.runtime.module import _leaf_paths
 from distrifx.runtime.program import Generation, RankProgram, build_program, phases_for
 from distrifx.runtime.simulate import simulate
@@ -75,9 +77,9 @@ __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest"
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 2
-FORMATS = ("pt2", "onnx", "tensorrt")
-_SUFFIXES = {"pt2": "pt2", "onnx": "onnx", "tensorrt": "ep"}
-# Where a format's segments run, and what runs them; pt2 keeps the device it was exported on.
+FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
+_SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
+# Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
 _FORMAT_DEVICES = {"onnx": ("cpu", "onnxruntime's CPU provider"), "tensorrt": ("cuda", "TensorRT")}
 SEGMENT_DIR = "segments"
 # Values diffusers pipelines read from submodules of their denoiser. A loaded export has no
@@ -213,17 +215,22 @@ def _write_pt2(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]
     return {}
 
 
-def _write_tensorrt(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
-    """One exported program holding the segment's TensorRT engines per segment."""
-    for d in distinct:
-        program = _torch_export(d)
-        try:
-            tensorrt.write_segment(program, d.example, out / d.file)
-        except Exception as exc:
-            raise DistrifxError(f"torch-tensorrt failed on {d.origin} (to be written to {d.file}): "
-                                f"{type(exc).__name__}: {exc}\nformat='pt2' stores the same program without "
-                                "TensorRT.") from exc
-    return {}
+def _compiled(tool: str, write_segment: Callable[[torch.export.ExportedProgram, tuple, Path], None]
+              ) -> Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]:
+    """A writer of one file per segment: its ``torch.export`` program compiled ahead of time by ``tool``."""
+
+    def write(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
+        for d in distinct:
+            program = _torch_export(d)
+            try:
+                write_segment(program, d.example, out / d.file)
+            except Exception as exc:
+                raise DistrifxError(f"{tool} failed on {d.origin} (to be written to {d.file}): "
+                                    f"{type(exc).__name__}: {exc}\nformat='pt2' stores the same program without "
+                                    "compiling it.") from exc
+        return {}
+
+    return write
 
 
 def _union(distinct: list[_Distinct]) -> tuple[GraphModule, list[str], list[str], list[torch.Tensor]]:
@@ -286,8 +293,9 @@ def _write_onnx(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any
 
 _WRITERS: dict[str, Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]] = {
     "pt2": _write_pt2,
+    "aoti": _compiled("AOTInductor", aoti.write_segment),
     "onnx": _write_onnx,
-    "tensorrt": _write_tensorrt,
+    "tensorrt": _compiled("torch-tensorrt", tensorrt.write_segment),
 }
 
 
@@ -408,6 +416,8 @@ def _check_format(format: str, flat: list[Any]) -> None:
         raise ConfigError(f"format={format!r} is not valid; choose one of {FORMATS}.")
     if format == "onnx":
         _require("distrifx.export(format='onnx')", "onnx", "onnxscript")
+    if format == "aoti":
+        aoti.require_compiler("distrifx.export(format='aoti')")
     if format == "tensorrt":
         tensorrt.require_tensorrt("distrifx.export(format='tensorrt')")
     if format in _FORMAT_DEVICES:
@@ -454,7 +464,7 @@ def export(
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
-    format: Literal["pt2", "onnx", "tensorrt"] = "pt2",
+    format: Literal["pt2", "aoti", "onnx", "tensorrt"] = "pt2",
     pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
@@ -611,6 +621,12 @@ def _major_minor(version: str) -> tuple[int, int]:
 def _check_versions(manifest: Mapping[str, Any], out: Path) -> None:
     import distrifx
 
+    if manifest["format"] == "aoti" and manifest["torch_version"] != torch.__version__:
+        raise ArtifactError(
+            f"{out} holds AOTInductor packages built against torch {manifest['torch_version']}, but this process "
+            f"runs torch {torch.__version__}: compiled packages load only under the torch build that compiled "
+            f"them. Export again here, or install torch=={manifest['torch_version']}."
+        )
     for package, exported, here in (("distrifx", manifest["distrifx_version"], distrifx.__version__),
                                     ("torch", manifest["torch_version"], torch.__version__)):
         if _major_minor(exported) != _major_minor(here):
@@ -694,9 +710,10 @@ class _OnnxSegment:
         return tuple(torch.from_numpy(a) for a in self.session.run(self.outputs, feeds))
 
 
-def _open_segment(path: Path, digest: str, format: str, layout: Mapping[str, Any] | None) -> Callable[..., tuple]:
-    """The runnable segment in ``path``; simulated ranks of one process share it (it is stateless)."""
-    key = (str(path.resolve()), digest)
+def _open_segment(out: Path, file: str, manifest: Mapping[str, Any]) -> Callable[..., tuple]:
+    """The runnable segment ``file``; simulated ranks of one process share it (it is stateless)."""
+    path, format, layout = out / file, manifest["format"], manifest["segments"].get(file)
+    key = (str(path.resolve()), manifest["files"][file])
     with _LOAD_LOCK:
         if (segment := _OPENED.get(key)) is None:
             if format == "onnx":
@@ -705,6 +722,10 @@ def _open_segment(path: Path, digest: str, format: str, layout: Mapping[str, Any
                 segment = _OnnxSegment(path, layout["inputs"], layout["outputs"])
             elif format == "tensorrt":
                 segment = tensorrt.load_segment(path)
+            elif format == "aoti":
+                device = next((leaf["device"] for leaf in manifest["inputs"]["leaves"] if leaf["kind"] == "tensor"),
+                              "cpu")
+                segment = aoti.load_segment(path, device)
             else:
                 segment = torch.export.load(str(path)).module()
             _OPENED[key] = segment
@@ -772,8 +793,7 @@ def _stored_graph(program: Mapping[str, Any], manifest: Mapping[str, Any], out: 
             if file not in manifest["files"]:
                 raise ArtifactError(f"the program uses {file}, which the manifest does not list; export again.")
             if file not in opened:
-                opened[file] = _open_segment(out / file, manifest["files"][file], manifest["format"],
-                                             manifest["segments"].get(file))
+                opened[file] = _open_segment(out, file, manifest)
             steps.append(_Step(opened[file], tuple(step["inputs"]), None, {}, tuple(step["outputs"]), False))
         elif op in _COLLECTIVES:
             fn = _COLLECTIVES[op]
@@ -934,6 +954,7 @@ class ExportedModule(nn.Module):
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self._flat_inputs(args, kwargs)
+        check_same_inputs(self.comm, flat, lambda: self._inputs["names"])
         index = self._inputs["timestep"]
         phase = self.generation.next_phase(flat[index] if index is not None else None, self._in_spec)
         call = local_call(self.comm, self.cfg is not None, flat, lambda: self.cfg)
@@ -942,15 +963,18 @@ class ExportedModule(nn.Module):
         return tree_unflatten(outputs, self.program.out_spec)
 
 
-def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float = 300.0) -> ExportedModule:
+def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float = 300.0,
+         allow_native_code: bool = False) -> ExportedModule:
     """This rank's stored program from :func:`export`'s ``out_dir``, ready to call like the model.
 
     Call on every rank (``process_group`` as in :func:`distrifx.parallelize`; a group from
     :func:`distrifx.simulate` works). Refuses, before running anything, a world size other than the
     exported one, a missing or changed file, another distrifx or torch major.minor version, a
-    TensorRT export without CUDA or torch-tensorrt; calls with other input shapes or dtypes are
-    refused by the module. An export with a CFG split splits the process group into two patch
-    groups here (collectively: every rank loads).
+    TensorRT export without CUDA or torch-tensorrt, an AOTInductor export without
+    ``allow_native_code=True`` (its packages are shared libraries: opening one runs its code, so
+    load only exports you trust) or from another torch build; calls with other input shapes or
+    dtypes, or with different inputs on different ranks, are refused by the module. An export with
+    a CFG split splits the process group into two patch groups here (collectively: every rank loads).
 
     Example:
         >>> unet = distrifx.load("unet-2r")                                       # doctest: +SKIP
@@ -966,6 +990,13 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
             _require("distrifx.load of an ONNX export", "onnxruntime")
         if manifest["format"] == "tensorrt":
             tensorrt.require_tensorrt("distrifx.load of a format='tensorrt' export", ArtifactError)
+        if manifest["format"] == "aoti" and not allow_native_code:
+            raise ArtifactError(
+                f"{out} is an AOTInductor export: its segments are shared libraries, and opening them runs their "
+                "code. Pass allow_native_code=True (distrifx generate --allow-native-code) if you trust this "
+                "directory (its files match the manifest's sha256 sums, which guards against damage, not against "
+                "whoever wrote the manifest); format='pt2' or 'onnx' exports hold no code."
+            )
         options = manifest["options"]
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
                                 warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],

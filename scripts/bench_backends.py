@@ -1,9 +1,9 @@
-"""Compile/export time and per-step time of eager vs inductor vs stored (pt2, ONNX) programs.
+"""Compile/export time and per-step time of eager vs inductor vs stored (pt2, AOTInductor, ONNX) programs.
 
 Every backend runs on ``--world-size`` fresh local gloo processes (``distrifx.launch``), one torch
 thread per rank, on a random-weight UNet of ``--model`` layout. Per backend: the time to get a
 runnable program (eager/inductor: the first call, which captures, builds and, for inductor,
-compiles every segment; pt2/onnx: ``distrifx.export`` in this process, then ``distrifx.load`` on
+compiles every segment; pt2/aoti/onnx: ``distrifx.export`` in this process, then ``distrifx.load`` on
 each rank) and the median of the following steps' wall time on rank 0. Inductor starts from an
 empty compile cache, then runs again on the warm one.
 
@@ -26,7 +26,7 @@ import torch.distributed as dist
 import distrifx
 from distrifx.models import random_unet, unet_inputs
 
-BACKENDS = ("eager", "inductor", "pt2", "onnx")
+BACKENDS = ("eager", "inductor", "pt2", "aoti", "onnx")
 
 
 def _timed_steps(module: Any, args: tuple, kwargs: dict, steps: int) -> dict[str, float]:
@@ -57,7 +57,7 @@ def _rank_load(model: str, directory: str, steps: int) -> dict[str, float]:
     unet = random_unet(model)  # only for its inputs (and to register its output type with pytree)
     args, kwargs = unet_inputs(unet)
     start = time.perf_counter()
-    module = distrifx.load(directory)
+    module = distrifx.load(directory, allow_native_code=True)  # an aoti export this script just wrote
     return {"load_s": time.perf_counter() - start, **_timed_steps(module, args, kwargs, steps)}
 
 

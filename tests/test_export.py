@@ -1,14 +1,16 @@
-"""distrifx.export -> distrifx.load round trips (torch.export, ONNX; TensorRT on a GPU), CFG splits,
+"""distrifx.export -> distrifx.load round trips (torch.export, AOTInductor, ONNX; TensorRT on a GPU), CFG splits,
 loaded exports in diffusers pipelines, and every refusal of export and load."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
@@ -89,6 +91,24 @@ def test_stale_export_equals_the_eager_runtime_step_by_step(model, exported, for
             assert float((got.sample - want.sample).abs().max()) < 1e-5
 
 
+def test_aoti_export_equals_the_unmodified_model(tmp_path):
+    """AOTInductor builds a shared library per segment (over ten seconds each here), so a conv and
+    GroupNorm model with a handful of segments stands in for the UNet; both exchange kinds occur."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.SiLU(),
+                          nn.Conv2d(8, 4, 3, padding=1)).eval()
+    x = torch.randn(1, 4, 16, 16)
+    distrifx.export(model, tmp_path, 2, args=(x,), mode="sync", format="aoti")
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["format"] == "aoti" and all(name.endswith(".aoti.pt2") for name in manifest["files"])
+    ops = {step["op"] for rank in manifest["ranks"] for step in rank["sync"]["steps"]}
+    assert {"compute", "all_gather_start", "neighbour_rows_start", "wait"} == ops
+    with torch.no_grad():
+        expected = model(x)
+    outs = distrifx.simulate(lambda g: distrifx.load(tmp_path, process_group=g, allow_native_code=True)(x), 2)
+    assert all(float((out - expected).abs().max()) < 1e-5 for out in outs)
+
+
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
     out = exported("pt2", "stale")
     manifest = json.loads((out / MANIFEST).read_text())
@@ -166,6 +186,17 @@ def test_load_refuses_another_minor_version(copy, key, package):
         distrifx.load(copy)
 
 
+def test_load_opens_aoti_packages_only_when_allowed_and_under_the_torch_that_built_them(copy):
+    _edit_manifest(copy, format="aoti")
+    with pytest.raises(ArtifactError, match="is an AOTInductor export: its segments are shared libraries, and "
+                                            "opening them runs their code. Pass allow_native_code=True"):
+        distrifx.load(copy)
+    _edit_manifest(copy, torch_version=torch.__version__ + "1")  # same major.minor: enough for pt2, not aoti
+    with pytest.raises(ArtifactError, match=rf"built against torch {re.escape(torch.__version__)}1, but this process "
+                                            rf"runs torch {re.escape(torch.__version__)}"):
+        distrifx.load(copy, allow_native_code=True)
+
+
 def test_load_refuses_a_directory_without_manifest(tmp_path):
     with pytest.raises(ArtifactError, match="is not a distrifx export directory"):
         distrifx.load(tmp_path)
@@ -203,10 +234,21 @@ def test_loaded_module_takes_keyword_arguments_for_positional_ones(model, export
     assert all(float((o - expected).abs().max()) < 1e-5 for o in outs)
 
 
+def test_loaded_module_refuses_ranks_called_with_different_inputs(model, exported):
+    _, (sample, t), kwargs = model
+
+    def rank(group):
+        loaded = distrifx.load(exported("pt2", "sync"), process_group=group)
+        return loaded(sample + group.rank, t, **kwargs)  # as if rank 1 drew other latents
+
+    with pytest.raises(distrifx.DistrifxError, match=r"called with different values of \['sample'\]"):
+        distrifx.simulate(rank, 2)
+
+
 def test_export_refuses_an_unknown_format_and_a_foreign_directory(model, tmp_path):
     unet, args, kwargs = model
-    with pytest.raises(distrifx.ConfigError, match=r"format='engine' is not valid; choose one of \('pt2', 'onnx', "
-                                                   r"'tensorrt'\)"):
+    with pytest.raises(distrifx.ConfigError, match=r"format='engine' is not valid; choose one of \('pt2', 'aoti', "
+                                                   r"'onnx', 'tensorrt'\)"):
         distrifx.export(unet, tmp_path / "x", 2, args=args, kwargs=kwargs, format="engine")
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(distrifx.ConfigError, match="is not empty and holds no manifest.json"):
@@ -294,6 +336,20 @@ def test_tensorrt_export_refuses_clearly_without_cuda(model, tmp_path, no_cuda):
                                                    r"which need a CUDA device .* pip install \"distrifx\[tensorrt\]\""):
         distrifx.export(unet, tmp_path / "trt", 2, args=args, kwargs=kwargs, format="tensorrt")
     assert not (tmp_path / "trt").exists()  # refused before writing anything
+
+
+def test_aoti_export_refuses_clearly_without_a_compiler(model, tmp_path, monkeypatch):
+    import torch._inductor.cpp_builder as cpp_builder
+
+    def no_compiler() -> str:
+        raise RuntimeError("no C++ compiler on PATH")
+
+    monkeypatch.setattr(cpp_builder, "get_cpp_compiler", no_compiler)
+    unet, args, kwargs = model
+    with pytest.raises(distrifx.ConfigError, match=r"distrifx.export\(format='aoti'\) builds each segment with a "
+                                                   r"C\+\+ compiler, and none was found .* or use format='pt2'"):
+        distrifx.export(unet, tmp_path / "aoti", 2, args=args, kwargs=kwargs, format="aoti")
+    assert not (tmp_path / "aoti").exists()  # refused before writing anything
 
 
 def test_loading_a_tensorrt_export_refuses_clearly_without_cuda(copy, no_cuda):

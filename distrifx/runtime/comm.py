@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "SimulatedWorld",
     "SimulatedGroup",
     "TimingCommunicator",
+    "check_same_inputs",
 ]
 
 
@@ -294,3 +295,25 @@ class TimingCommunicator(Communicator):
         self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
     ) -> Callable[[], dict[int, torch.Tensor]]:
         return lambda: recvs
+
+
+def check_same_inputs(comm: Communicator, flat: Sequence[Any], names: Callable[[], list[str]]) -> None:
+    """Fail loudly if the ranks were called with different tensors (a different seed on one rank).
+
+    Compares the sum and absolute sum of every tensor in ``flat`` across the ranks (one small
+    all-gather); ``names()`` names every leaf of ``flat`` and is called only to word the error.
+    """
+    tensors = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
+    if comm.world_size == 1 or not tensors:
+        return
+    mine = torch.stack([torch.stack([flat[i].double().sum(), flat[i].double().abs().sum()]) for i in tensors])
+    everyone = comm.all_gather(mine.unsqueeze(0), 0).wait()
+    differs = (everyone != everyone[0]).flatten(2).any(-1).any(0)
+    if differs.any():
+        leaf_names = names()
+        bad = [leaf_names[tensors[i]] for i in differs.nonzero().flatten().tolist()]
+        raise DistrifxError(
+            f"rank {comm.rank}: the ranks were called with different values of {bad}. Every rank must run the "
+            "same generation: seed every rank's generator identically (distrifx.parallelize_pipeline shares "
+            "rank 0's initial latents)."
+        )

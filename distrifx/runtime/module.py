@@ -14,9 +14,8 @@ from torch.utils._pytree import TreeSpec, keystr, tree_flatten, tree_flatten_wit
 
 from distrifx.capture import capture, signature_key
 from distrifx.config import ParallelConfig
-from distrifx.errors import DistrifxError
 from distrifx.runtime.cfg import CfgSplit, LocalCall, local_call
-from distrifx.runtime.comm import CommStats, Communicator
+from distrifx.runtime.comm import CommStats, Communicator, check_same_inputs
 from distrifx.runtime.program import Generation, RankProgram, build_program
 
 __all__ = ["ParallelModule", "PIPELINE_ATTRIBUTES"]
@@ -106,28 +105,11 @@ class ParallelModule(nn.Module):
             return None
         return bound.arguments.get(self._timestep_param)
 
-    def _check_same_inputs(self, flat: list[Any], args: tuple, kwargs: dict) -> None:
-        """Fail loudly if ranks were given different inputs (a different seed on one rank)."""
-        tensors = [x for x in flat if isinstance(x, torch.Tensor)]
-        if self.comm.world_size == 1 or not tensors:
-            return
-        mine = torch.stack([torch.stack([x.double().sum(), x.double().abs().sum()]) for x in tensors])
-        everyone = self.comm.all_gather(mine.unsqueeze(0), 0).wait()
-        differs = (everyone != everyone[0]).flatten(2).any(-1).any(0)
-        if differs.any():
-            params = list(self._signature.parameters)
-            names = [path for path, leaf in _leaf_paths(params, args, kwargs) if isinstance(leaf, torch.Tensor)]
-            bad = [names[i] for i in differs.nonzero().flatten().tolist()]
-            raise DistrifxError(
-                f"rank {self.comm.rank}: the ranks were called with different values of {bad}. Every "
-                "rank must run the same generation: seed every rank's generator identically (or use "
-                "distrifx.parallelize_pipeline, which shares rank 0's initial latents)."
-            )
-
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
-        self._check_same_inputs(flat, args, kwargs)
+        params = list(self._signature.parameters)
+        check_same_inputs(self.comm, flat, lambda: [path for path, _ in _leaf_paths(params, args, kwargs)])
         call = self._localize(flat)
         key, program = self._program(call, spec)
         phase = self.generation.next_phase(self._timestep(args, kwargs), key)
