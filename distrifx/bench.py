@@ -108,13 +108,15 @@ def _summarize(case: BenchCase, ranks: list[dict[str, Any]]) -> dict[str, Any]:
         steady = r["steps"][first_steady:] or r["steps"][-1:]
         wall = statistics.median(s["wall_s"] for s in steady)
         wait = statistics.median(s["wait_s"] for s in steady)
-        per_rank.append({"wall_s": wall, "wait_s": wait, "compute_s": wall - wait,
-                         "bytes_sent": steady[-1]["bytes_sent"]})
+        walls = [s["wall_s"] for s in steady]
+        per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wait_s": wait,
+                         "compute_s": wall - wait, "bytes_sent": steady[-1]["bytes_sent"]})
     slowest = max(per_rank, key=lambda r: r["wall_s"])
     return {
         "case": asdict(case),
         "label": case.label,
         "step_s": slowest["wall_s"],
+        "step_range_s": slowest["wall_range_s"],  # fastest and slowest steady step: the run's own noise
         "compute_s": slowest["compute_s"],
         "exposed_comm_s": slowest["wait_s"],
         "exposed_comm_frac": slowest["wait_s"] / slowest["wall_s"],
@@ -181,10 +183,11 @@ def read_results(out_dir: Path) -> dict[str, Any]:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
-    head = ("| config | step (s) | speedup | compute (s) | exposed comm (s) | exposed % | sent/step (MiB) "
-            "| stale buffers (MiB) | peak RSS/rank (GiB) |\n|---|---|---|---|---|---|---|---|---|")
+    head = ("| config | step (s): median [min, max] | speedup | compute (s) | exposed comm (s) | exposed % "
+            "| sent/step (MiB) | stale buffers (MiB) | peak RSS/rank (GiB) |\n|---|---|---|---|---|---|---|---|---|")
     rows = [
-        f"| {r['label']} | {r['step_s']:.3f} | {r['speedup']:.2f}x | {r['compute_s']:.3f} | "
+        f"| {r['label']} | {r['step_s']:.3f} [{r['step_range_s'][0]:.3f}, {r['step_range_s'][1]:.3f}] | "
+        f"{r['speedup']:.2f}x | {r['compute_s']:.3f} | "
         f"{r['exposed_comm_s']:.4f} | {100 * r['exposed_comm_frac']:.1f}% | {r['bytes_sent_per_step'] / 2**20:.2f} | "
         f"{r['state_bytes'] / 2**20:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} |"
         if r["speedup"] is not None else f"| {r['label']} | {r['step_s']:.3f} | - | | | | | | |"

@@ -71,8 +71,8 @@ def run_fidelity(
         for case in cases:
             image = _parallel_image(load, case, prompt, seed, size, steps)
             images.setdefault(case.label, []).append(image)
-            rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt,
-                         "psnr_db": psnr(image, reference), "ssim": ssim(image, reference)})
+            rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt, "steps": steps,
+                         "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference)})
     return rows, images
 
 

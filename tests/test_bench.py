@@ -53,7 +53,7 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
                      "two stale ranks run together with collectives that return at once",
-                     "## Bytes per step, by exchange", "| kv | 8 |", "## Fidelity on the trained default model",
+                     "## Bytes per step, by exchange", "| kv | 8 |", "## Fidelity on the trained default model: 3 DDIM steps", "at 32x32 pixels",
                      "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
                      f"--steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
