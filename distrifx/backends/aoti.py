@@ -40,10 +40,14 @@ def write_segment(program: ExportedProgram, example: tuple[torch.Tensor, ...], p
 
     ``example`` is unused: the program already holds the shapes it is compiled for.
     """
-    torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    from torch._inductor import aoti_compile_and_package
+
+    aoti_compile_and_package(program, package_path=str(path))
 
 
 def load_segment(path: Path, device: str) -> Callable[..., tuple]:
     """The runnable segment in the package ``path``, on this process's current device of ``device``'s type."""
+    from torch._inductor import aoti_load_package
+
     index = torch.cuda.current_device() if torch.device(device).type == "cuda" else -1
-    return torch._inductor.aoti_load_package(str(path), device_index=index)
+    return aoti_load_package(str(path), device_index=index)
