@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -35,16 +36,22 @@ def model():
 
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
-    """``exported(format, mode)``: the directory of that export (written once per module)."""
+    """``exported(format, mode)``: the directory of that export (written once per module).
+
+    Tests call it from simulated ranks, i.e. threads; torch.export cannot run in two threads at
+    once, so the first caller exports while the others wait.
+    """
     unet, args, kwargs = model
     done: dict[tuple[str, str], Path] = {}
+    lock = threading.Lock()
 
     def get(format: str, mode: str) -> Path:
-        if (format, mode) not in done:
-            out = tmp_path_factory.mktemp(f"{format}-{mode}")
-            distrifx.export(unet, out, 2, args=args, kwargs=kwargs, mode=mode, warmup_steps=1, format=format)
-            done[(format, mode)] = out
-        return done[(format, mode)]
+        with lock:
+            if (format, mode) not in done:
+                out = tmp_path_factory.mktemp(f"{format}-{mode}")
+                distrifx.export(unet, out, 2, args=args, kwargs=kwargs, mode=mode, warmup_steps=1, format=format)
+                done[(format, mode)] = out
+            return done[(format, mode)]
 
     return get
 
