@@ -985,7 +985,6 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
     manifest = read_manifest(out)
     try:
         _check_versions(manifest, out)
-        _check_files(manifest, out)
         if manifest["format"] == "onnx":
             _require("distrifx.load of an ONNX export", "onnxruntime")
         if manifest["format"] == "tensorrt":
@@ -997,6 +996,7 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
                 "directory (its files match the manifest's sha256 sums, which guards against damage, not against "
                 "whoever wrote the manifest); format='pt2' or 'onnx' exports hold no code."
             )
+        _check_files(manifest, out)  # hashes every file: after the checks that need no reading
         options = manifest["options"]
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
                                 warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
