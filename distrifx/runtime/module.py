@@ -108,8 +108,8 @@ class ParallelModule(nn.Module):
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat, spec = tree_flatten((args, kwargs))
-        params = list(self._signature.parameters)
-        check_same_inputs(self.comm, flat, lambda: [path for path, _ in _leaf_paths(params, args, kwargs)])
+        check_same_inputs(self.comm, flat, lambda: [
+            path for path, _ in _leaf_paths(list(self._signature.parameters), args, kwargs)])
         call = self._localize(flat)
         key, program = self._program(call, spec)
         phase = self.generation.next_phase(self._timestep(args, kwargs), key)
