@@ -9,6 +9,7 @@ communication), compute (the rest), bytes sent; per rank: stale-buffer bytes and
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import statistics
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["BenchCase", "run_case", "run_cases", "markdown_table", "machine_description", "plot_results",
+__all__ = ["BenchCase", "measure_case", "run_cases", "markdown_table", "machine_description", "plot_results",
            "write_results", "read_results", "write_json", "run_vae_memory", "vae_memory_table"]
 
 
@@ -39,6 +40,7 @@ class BenchCase:
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
     transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
+    bind_cores: bool = True  # each rank on its own cores when they fit (distrifx.launch.rank_cores)
 
     @property
     def label(self) -> str:
@@ -97,51 +99,63 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
         "state_bytes": state_bytes,
         "build_s": pmodel.build_seconds if pmodel is not None else 0.0,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "cores": sorted(os.sched_getaffinity(0)),
     }
 
 
-def _summarize(case: BenchCase, ranks: list[dict[str, Any]]) -> dict[str, Any]:
-    """Median over the steady steps (after the first call and, in stale mode, after warm-up)."""
+def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """Median over the steady steps of every round (after the first call and, in stale mode, after
+    warm-up); ``rounds`` holds each round's per-rank measurements."""
     first_steady = max(1, case.warmup_steps if case.mode == "stale" else 1)
     per_rank = []
-    for r in ranks:
-        steady = r["steps"][first_steady:] or r["steps"][-1:]
-        wall = statistics.median(s["wall_s"] for s in steady)
-        wait = statistics.median(s["wait_s"] for s in steady)
+    for rank_rounds in zip(*rounds):
+        steady = [s for r in rank_rounds for s in (r["steps"][first_steady:] or r["steps"][-1:])]
         walls = [s["wall_s"] for s in steady]
+        wall, wait = statistics.median(walls), statistics.median(s["wait_s"] for s in steady)
         per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wait_s": wait,
-                         "compute_s": wall - wait, "bytes_sent": steady[-1]["bytes_sent"]})
+                         "compute_s": wall - wait, "bytes_sent": steady[-1]["bytes_sent"],
+                         "cores": rank_rounds[0]["cores"]})
     slowest = max(per_rank, key=lambda r: r["wall_s"])
+    every = [r for ranks in rounds for r in ranks]
     return {
         "case": asdict(case),
         "label": case.label,
+        "rounds": len(rounds),
         "step_s": slowest["wall_s"],
         "step_range_s": slowest["wall_range_s"],  # fastest and slowest steady step: the run's own noise
         "compute_s": slowest["compute_s"],
         "exposed_comm_s": slowest["wait_s"],
         "exposed_comm_frac": slowest["wait_s"] / slowest["wall_s"],
         "bytes_sent_per_step": max(r["bytes_sent"] for r in per_rank),
-        "state_bytes": max(r["state_bytes"] for r in ranks),
-        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in ranks),
-        "build_s": max(r["build_s"] for r in ranks),
+        "state_bytes": max(r["state_bytes"] for r in every),
+        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in every),
+        "build_s": max(r["build_s"] for r in every),
         "per_rank": per_rank,
     }
 
 
-def run_case(case: BenchCase) -> dict[str, Any]:
-    """Run one configuration in ``case.world_size`` fresh processes and summarize it."""
+def measure_case(case: BenchCase) -> list[dict[str, Any]]:
+    """Run one configuration once in ``case.world_size`` fresh processes: every rank's measurements."""
     from distrifx.launch import launch
 
     processes = 1 if case.projected else case.world_size
-    ranks = launch(bench_rank, processes, case, threads_per_rank=case.threads, timeout_s=3600, all_ranks=True)
-    return _summarize(case, ranks)
+    return launch(bench_rank, processes, case, threads_per_rank=case.threads, bind_cores=case.bind_cores,
+                  timeout_s=3600, all_ranks=True)
 
 
-def run_cases(cases: list[BenchCase], progress: bool = True) -> list[dict[str, Any]]:
-    """Run every case (eager baselines included); add the speedup over the matching baseline."""
+def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True) -> list[dict[str, Any]]:
+    """Run every case (eager baselines included) ``rounds`` times, a round through all cases at a time
+    so that a slow spell of the machine falls on every configuration alike; summarize each over its
+    rounds and add the speedup over the matching baseline."""
     from tqdm import tqdm
 
-    results = [run_case(c) for c in tqdm(cases, desc="distrifx bench", disable=not progress)]
+    measured: list[list[list[dict[str, Any]]]] = [[] for _ in cases]
+    with tqdm(total=rounds * len(cases), desc="distrifx bench", disable=not progress) as bar:
+        for _ in range(rounds):
+            for runs, case in zip(measured, cases):
+                runs.append(measure_case(case))
+                bar.update()
+    results = [_summarize(case, runs) for case, runs in zip(cases, measured)]
     baselines = {(r["case"]["model"], r["case"]["height"], r["case"]["width"], r["case"]["batch"]): r["step_s"]
                  for r in results if r["case"]["mode"] == "eager"}
     for r in results:
@@ -152,7 +166,6 @@ def run_cases(cases: list[BenchCase], progress: bool = True) -> list[dict[str, A
 
 def machine_description() -> str:
     """CPU model and cores, GPU if any, torch and python versions."""
-    import os
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -170,8 +183,6 @@ def machine_description() -> str:
 def write_json(out_dir: Path, command: str, results: Any) -> None:
     """``results.json``: the results with the machine, date and command that produced them."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    import os
-
     record = {"machine": machine_description(), "cpu_count": os.cpu_count(), "date": time.strftime("%Y-%m-%d"),
               "command": command, "results": results}
     (out_dir / "results.json").write_text(json.dumps(record, indent=2))

@@ -42,6 +42,13 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
                    help="torch threads per spawned rank on CPU (default: cores / world size)")
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distrifx", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
                        choices=["corrected", "sync", "stale", "separate"],
                        help="stale mode's GroupNorm statistics to sweep (default corrected)")
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
+    bench.add_argument("--rounds", type=_positive_int, default=1,
+                       help="run every configuration this many times, a round through all of them at a time; "
+                            "the median is over the steady steps of all rounds (default 1)")
+    bench.add_argument("--no-bind-cores", action="store_true",
+                       help="let the OS schedule the ranks (default: each rank bound to its own cores when they fit)")
     bench.add_argument("--no-transport", action="store_true",
                        help="also run stale mode's ranks together with collectives that return at once: "
                             "what the ranks cost each other on this machine, without the transport")
@@ -279,7 +291,7 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     cases = []
     for latent in args.latent:
         common = dict(model=args.model, height=latent, width=latent, batch=args.batch, steps=args.steps,
-                      warmup_steps=args.warmup_steps, threads=args.threads)
+                      warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
         variants = [dict(mode=m, gn_variant=g) for m in args.modes
                     for g in (args.gn_variants if m == "stale" else ["corrected"])]
@@ -287,7 +299,7 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
             cases += [BenchCase(world_size=n, mode="stale", transport=False, **common) for n in args.world_sizes]
-    results = run_cases(cases)
+    results = run_cases(cases, rounds=args.rounds)
     write_results(results, args.out, "distrifx " + " ".join(argv))
     print(markdown_table(results))
     print(f"distrifx: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")

@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from distrifx.errors import DistrifxError
 
-__all__ = ["launch", "free_port"]
+__all__ = ["launch", "free_port", "rank_cores"]
 
 
 def free_port() -> int:
@@ -27,12 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def rank_cores(rank: int, world_size: int, threads: int) -> list[int] | None:
+    """The cores rank ``rank`` is bound to: its own ``threads`` of those this process may use, or
+    None when the ranks do not fit side by side (then the OS schedules them)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if world_size * threads > len(cores):
+        return None
+    return cores[rank * threads:(rank + 1) * threads]
+
+
 def _worker(
-    rank: int, world_size: int, port: int, backend: str, threads: int | None, timeout_s: float,
+    rank: int, world_size: int, port: int, backend: str, threads: int | None, bind_cores: bool, timeout_s: float,
     fn: Callable[..., Any], args: tuple, results: Any,
 ) -> None:
     if threads:
         torch.set_num_threads(threads)
+        cores = rank_cores(rank, world_size, threads) if bind_cores else None
+        if cores:
+            os.sched_setaffinity(0, cores)
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if backend == "nccl":
@@ -54,13 +66,15 @@ def launch(
     *args: Any,
     backend: str | None = None,
     threads_per_rank: int | None = None,
+    bind_cores: bool = False,
     timeout_s: float = 300.0,
     all_ranks: bool = False,
 ) -> Any:
     """Run ``fn(*args)`` on ``world_size`` new local processes in one process group.
 
     ``fn`` must be importable (a module-level function). Returns rank 0's result, or every
-    rank's (a list) with ``all_ranks=True``. If a rank raises or dies, the others are stopped and
+    rank's (a list) with ``all_ranks=True``. With ``bind_cores`` (and ``threads_per_rank``), each
+    rank is bound to its own cores when they fit (:func:`rank_cores`), as benchmarks want. If a rank raises or dies, the others are stopped and
     a :class:`DistrifxError` carries the failing rank's traceback; the whole launch is bounded
     by ``timeout_s``.
 
@@ -73,8 +87,8 @@ def launch(
     results = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(r, world_size, port, backend, threads_per_rank, timeout_s, fn, args, results),
-                    daemon=False, name=f"distrifx-rank{r}")
+        ctx.Process(target=_worker, name=f"distrifx-rank{r}", daemon=False,
+                    args=(r, world_size, port, backend, threads_per_rank, bind_cores, timeout_s, fn, args, results))
         for r in range(world_size)
     ]
     for p in procs:

@@ -25,6 +25,10 @@ PUBLISHED_GAP = "24.6 dB against naive 14.0 dB at N=2 (+10.6 dB) and 23.0 agains
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "docs": {
+        # The speedup target's configurations, in interleaved rounds: this machine's speed drifts.
+        "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
+                                "stale", "--steps", "12", "--rounds", "3", "--threads", "1", "--project", "2",
+                                "--no-transport"),
         "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
                          "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "12", "--threads", "1",
                          "--project", "2", "4", "8", "--no-transport"),
@@ -39,7 +43,7 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     # A minute on two cores: every section's code path, for the tests.
     "tiny": {
-        "sd15-16": ("bench", "--model", "sd15", "--latent", "16", "--world-sizes", "2", "--modes", "stale", "naive",
+        "sd15-16": ("bench", "--model", "sd15", "--latent", "16", "--world-sizes", "2", "--modes", "stale",
                     "--steps", "3", "--warmup-steps", "1", "--project", "2", "--no-transport"),
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--seeds", "0",
                      "--size", "32", "--steps", "3"),
@@ -79,6 +83,10 @@ def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool 
                  and r["case"]["gn_variant"] == "corrected"), None)
 
 
+def _rounds(results: list[dict[str, Any]]) -> int:
+    return results[0].get("rounds", 1)  # results written before rounds existed had one
+
+
 def _model_line(results: list[dict[str, Any]]) -> str:
     from distrifx.models import UNET_CONFIGS
 
@@ -88,7 +96,10 @@ def _model_line(results: list[dict[str, Any]]) -> str:
             f"{tuple(config['block_out_channels'])}, cross-attention dim {config['cross_attention_dim']}, "
             f"random weights), batch {case['batch']}, {case['height']}x{case['width']} latent, 77 text tokens, "
             f"{case['steps']} denoising steps; median step after the first call (stale: after its "
-            f"{case['warmup_steps']} warm-up steps), slowest rank.")
+            f"{case['warmup_steps']} warm-up steps) over {_rounds(results)} round(s) through all "
+            f"configurations, slowest rank; {case['threads']} torch thread(s) per rank, "
+            + ("each rank bound to its own cores where they fit." if case.get("bind_cores") else
+               "ranks scheduled by the OS (not bound to cores)."))
 
 
 def _pct(value: float, base: float) -> str:
@@ -140,15 +151,22 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     return out
 
 
-def _speed_section(key: str, record: dict[str, Any]) -> str:
+def _target_section(records: dict[str, dict[str, Any]], speed: list[str]) -> str | None:
+    """The speed section that judges the speedup target: half-width SD 1.5 at a 64x64 latent, the
+    one with the most rounds."""
+    cases = [k for k in speed if (records[k]["results"][0]["case"]["model"],
+                                  records[k]["results"][0]["case"]["height"]) == ("sd15-half", 64)]
+    return max(cases, key=lambda k: _rounds(records[k]["results"]), default=None)
+
+
+def _speed_section(key: str, record: dict[str, Any], judge: bool) -> str:
     results = record["results"]
     stale = _find(results, "stale", 2)
     lines = [f"## Speed: {key}", "", _model_line(results), "", f"```bash\n{record['command']}\n```", "",
              markdown_table(results), "", f"![speedup](bench/{key}/speedup.png) "
              f"![breakdown](bench/{key}/breakdown.png)", ""]
     lines += [f"- {finding}" for finding in _speed_findings(results, record["cpu_count"])]
-    case = results[0]["case"]
-    if stale and (case["model"], case["height"]) == ("sd15-half", 64):
+    if stale and judge:
         lines.append(f"- Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
                      f"({stale['speedup']:.2f}x).")
     return "\n".join(lines)
@@ -258,7 +276,8 @@ def render(out: Path, suite: str = "docs") -> str:
     sections = ["\n".join(head)]
     suite_argv = SUITES[suite]
     speed = [k for k in records if suite_argv[k][0] == "bench" and "--component" not in suite_argv[k]]
-    sections += [_speed_section(key, records[key]) for key in speed]
+    target = _target_section(records, speed)
+    sections += [_speed_section(key, records[key], key == target) for key in speed]
     if speed:
         sections.append(_bytes_section(records[speed[0]]))
     for key, record in records.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -30,6 +31,36 @@ def test_metrics_refuse_mismatched_shapes():
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 8, 4))
 
 
+def test_rank_cores_gives_each_rank_its_own_cores_when_they_fit(monkeypatch):
+    from distrifx.launch import rank_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7})
+    assert [rank_cores(r, 2, 2) for r in range(2)] == [[4, 5], [6, 7]]
+    assert rank_cores(3, 4, 1) == [7]
+    assert rank_cores(0, 4, 2) is None  # 8 threads on 4 cores: left to the OS
+
+
+def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
+    """`--rounds`: a round runs every case once; a case's median is over its steady steps of all rounds."""
+    from distrifx import bench
+
+    calls = []
+    walls = {"eager": iter([[9.0, 4.0, 4.0], [9.0, 6.0, 6.0]]), "stale": iter([[9.0, 2.0, 2.0], [9.0, 3.0, 3.0]])}
+
+    def measure(case):
+        calls.append(case.mode)
+        steps = [{"wall_s": w, "wait_s": 0.1, "bytes_sent": 8, "phase": "x"} for w in next(walls[case.mode])]
+        return [{"steps": steps, "state_bytes": 1, "build_s": 0.0, "peak_rss_bytes": 1, "cores": [0]}] * case.world_size
+
+    monkeypatch.setattr(bench, "measure_case", measure)
+    cases = [bench.BenchCase(world_size=1, mode="eager", steps=3),
+             bench.BenchCase(world_size=2, mode="stale", steps=3, warmup_steps=1)]
+    eager, stale = bench.run_cases(cases, rounds=2, progress=False)
+    assert calls == ["eager", "stale", "eager", "stale"]
+    assert eager["rounds"] == 2 and eager["step_s"] == 5.0 and eager["step_range_s"] == [4.0, 6.0]
+    assert stale["step_s"] == 2.5 and stale["speedup"] == 2.0 and stale["compute_s"] == pytest.approx(2.4)
+
+
 def test_report_runs_every_section_end_to_end(tmp_path):
     """`distrifx report --suite tiny`: bench, fidelity and VAE memory run, and the page is rendered from them."""
     cmd = [sys.executable, "-m", "distrifx", "report", "--suite", "tiny", "--out", str(tmp_path)]
@@ -37,14 +68,15 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     bench = json.loads((tmp_path / "bench" / "sd15-16" / "results.json").read_text())
     assert bench["command"].startswith("distrifx bench --model sd15") and "no GPU" in bench["machine"]
     labels = [r["label"] for r in bench["results"]]
-    assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale", "sd15 16x16 b1 N=2 naive",
-                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", "sd15 16x16 b1 N=2 naive (one rank timed alone)",
-                      "sd15 16x16 b1 N=2 stale (no transport)"]
+    assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale",
+                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", "sd15 16x16 b1 N=2 stale (no transport)"]
     by_label = dict(zip(labels, bench["results"]))
     stale = by_label["sd15 16x16 b1 N=2 stale"]
     assert stale["bytes_sent_per_step"] > 0 and stale["state_bytes"] > 0
-    assert len(stale["per_rank"]) == 2 and stale["speedup"] > 0
-    assert by_label["sd15 16x16 b1 N=2 naive"]["state_bytes"] == 0
+    assert len(stale["per_rank"]) == 2 and stale["speedup"] > 0 and stale["rounds"] == 1
+    if len(os.sched_getaffinity(0)) >= 2:  # each rank bound to its own core
+        assert [r["cores"] for r in stale["per_rank"]] == [[c] for c in sorted(os.sched_getaffinity(0))[:2]]
+    assert len(by_label["sd15 16x16 b1 N=2 stale (one rank timed alone)"]["per_rank"]) == 1
     assert (tmp_path / "bench" / "sd15-16" / "speedup.png").stat().st_size > 0
 
     vae = json.loads((tmp_path / "bench" / "vae-memory" / "results.json").read_text())["results"]
