@@ -151,24 +151,33 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     return out
 
 
+def _target_config(results: list[dict[str, Any]]) -> bool:
+    """Whether these results measure the speedup target's configuration: half-width SD 1.5, 64x64 latent."""
+    case = results[0]["case"]
+    return (case["model"], case["height"]) == ("sd15-half", 64)
+
+
 def _target_section(records: dict[str, dict[str, Any]], speed: list[str]) -> str | None:
-    """The speed section that judges the speedup target: half-width SD 1.5 at a 64x64 latent, the
-    one with the most rounds."""
-    cases = [k for k in speed if (records[k]["results"][0]["case"]["model"],
-                                  records[k]["results"][0]["case"]["height"]) == ("sd15-half", 64)]
+    """The speed section that judges the speedup target: of those with its configuration, the one
+    with the most rounds."""
+    cases = [k for k in speed if _target_config(records[k]["results"])]
     return max(cases, key=lambda k: _rounds(records[k]["results"]), default=None)
 
 
-def _speed_section(key: str, record: dict[str, Any], judge: bool) -> str:
+def _speed_section(key: str, record: dict[str, Any], target: str | None) -> str:
     results = record["results"]
     stale = _find(results, "stale", 2)
     lines = [f"## Speed: {key}", "", _model_line(results), "", f"```bash\n{record['command']}\n```", "",
              markdown_table(results), "", f"![speedup](bench/{key}/speedup.png) "
              f"![breakdown](bench/{key}/breakdown.png)", ""]
     lines += [f"- {finding}" for finding in _speed_findings(results, record["cpu_count"])]
-    if stale and judge:
+    if stale and key == target:
         lines.append(f"- Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
                      f"({stale['speedup']:.2f}x).")
+    elif stale and _target_config(results):
+        lines.append(f"- The speedup target is judged in section {target}, which has more rounds. This run measured "
+                     f"{stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "
+                     f"about the spread of their steps.")
     return "\n".join(lines)
 
 
@@ -277,7 +286,7 @@ def render(out: Path, suite: str = "docs") -> str:
     suite_argv = SUITES[suite]
     speed = [k for k in records if suite_argv[k][0] == "bench" and "--component" not in suite_argv[k]]
     target = _target_section(records, speed)
-    sections += [_speed_section(key, records[key], key == target) for key in speed]
+    sections += [_speed_section(key, records[key], target) for key in speed]
     if speed:
         sections.append(_bytes_section(records[speed[0]]))
     for key, record in records.items():

@@ -97,6 +97,20 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     assert (tmp_path / "benchmarks.md").read_text() == page
 
 
+def test_the_speed_target_is_judged_by_the_section_with_the_most_rounds():
+    from distrifx.report import _target_section
+
+    def record(model, height, rounds=None):
+        result = {"case": {"model": model, "height": height}, **({"rounds": rounds} if rounds else {})}
+        return {"results": [result]}
+
+    records = {"old": record("sd15-half", 64), "repeated": record("sd15-half", 64, 3),
+               "other": record("sd15-half", 128, 5)}
+    assert _target_section(records, list(records)) == "repeated"
+    assert _target_section(records, ["old", "other"]) == "old"  # written before rounds: one round
+    assert _target_section(records, ["other"]) is None
+
+
 def test_report_refuses_an_unknown_section(tmp_path):
     from distrifx.errors import ConfigError
     from distrifx.report import run_suite
