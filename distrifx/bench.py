@@ -166,7 +166,6 @@ def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True) ->
 
 def machine_description() -> str:
     """CPU model and cores, GPU if any, torch and python versions."""
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

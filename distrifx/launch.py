@@ -74,9 +74,9 @@ def launch(
 
     ``fn`` must be importable (a module-level function). Returns rank 0's result, or every
     rank's (a list) with ``all_ranks=True``. With ``bind_cores`` (and ``threads_per_rank``), each
-    rank is bound to its own cores when they fit (:func:`rank_cores`), as benchmarks want. If a rank raises or dies, the others are stopped and
-    a :class:`DistrifxError` carries the failing rank's traceback; the whole launch is bounded
-    by ``timeout_s``.
+    rank is bound to its own cores when they fit (:func:`rank_cores`), as benchmarks want. If a
+    rank raises or dies, the others are stopped and a :class:`DistrifxError` carries the failing
+    rank's traceback; the whole launch is bounded by ``timeout_s``.
 
     Example:
         >>> image = distrifx.launch(generate, 2, prompt)                     # doctest: +SKIP
