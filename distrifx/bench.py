@@ -3,7 +3,12 @@
 Every configuration runs in fresh local processes (``distrifx.launch``), ``threads`` torch threads
 per rank, random-weight models of real layouts. The single-rank baseline is the unmodified model
 in one process. Per rank and step: wall time, time blocked in collective waits (exposed
-communication), compute (the rest), bytes sent; per rank: stale-buffer bytes and peak RSS.
+communication), compute (the rest), bytes sent; per rank: stale-buffer bytes and peak memory.
+
+World sizes a machine cannot host are timed one rank at a time (``projected``); a :class:`Link`
+turns such a timing into a projected step by adding the communication the rank's plan says it
+needs, estimated from bytes and collective counts (:func:`projected_step`). On a GPU
+(``device="cuda"``) only those single-process cases run: the eager baseline and one rank alone.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_map
 
-__all__ = ["BenchCase", "measure_case", "run_cases", "markdown_table", "machine_description", "plot_results",
-           "write_results", "read_results", "write_json", "run_vae_memory", "vae_memory_table"]
+from distrifx.errors import ConfigError
+
+__all__ = ["BenchCase", "Link", "projected_step", "measure_case", "run_cases", "markdown_table",
+           "machine_description", "plot_results", "write_results", "read_results", "write_json", "run_vae_memory",
+           "vae_memory_table"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,17 @@ class BenchCase:
     projected: bool = False  # time one rank alone (collectives return at once): compute only
     transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
     bind_cores: bool = True  # each rank on its own cores when they fit (distrifx.launch.rank_cores)
+    device: str = "cpu"  # "cuda": eager and projected cases only, on one GPU
+    dtype: str = "float32"  # a key of DTYPES
+
+    def __post_init__(self) -> None:
+        if self.device == "cuda" and not (self.mode == "eager" or self.projected):
+            raise ConfigError(
+                f"bench case {self.label!r}: on a GPU distrifx bench runs the eager baseline and one rank alone "
+                "(--project) only; drop --world-sizes, or run real GPU ranks under torchrun "
+                "(examples/generate_torchrun.py)")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"bench case {self.label!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
 
     @property
     def label(self) -> str:
@@ -49,10 +71,67 @@ class BenchCase:
         return f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} {self.mode}{gn}{kind}"
 
 
+@dataclass(frozen=True)
+class Link:
+    """An interconnect for projections: what one rank sends per second, and each collective's latency."""
+
+    gbps: float  # GB/s (1e9 bytes per second) one rank can send
+    latency_us: float = 15.0
+
+    def seconds(self, nbytes: int, collectives: int) -> float:
+        """Time on the link for ``collectives`` exchanges sending ``nbytes`` in all."""
+        return collectives * self.latency_us * 1e-6 + nbytes / (self.gbps * 1e9)
+
+    @property
+    def label(self) -> str:
+        return f"{self.gbps:g} GB/s, {self.latency_us:g} us"
+
+
+def projected_step(compute_s: float, exchanges: dict[str, list[int]], link: Link) -> float:
+    """A rank's step over ``link``: ``max(compute + blocking comm, all comm)``.
+
+    ``exchanges`` holds ``[count, bytes]`` of the step's ``blocking`` exchanges (waited for before
+    compute can go on: sync mode, warm-up, synchronous GroupNorm, the output gather) and of its
+    ``overlapped`` ones (stale: needed only at the next step). Blocking ones stall the rank; the
+    overlapped ones hide behind compute as long as the link keeps up with all of them.
+    """
+    blocking = link.seconds(exchanges["blocking"][1], exchanges["blocking"][0])
+    overlapped = link.seconds(exchanges["overlapped"][1], exchanges["overlapped"][0])
+    return max(compute_s + blocking, blocking + overlapped)
+
+
+def _exchanges(sites: tuple) -> dict[str, list[int]]:
+    """``[count, bytes]`` of a graph's blocking and overlapped exchanges, from its plan."""
+    from distrifx.passes.builder import Form
+
+    out = {"blocking": [0, 0], "overlapped": [0, 0]}
+    for site in sites:
+        if site.form is not Form.NONE:
+            entry = out["blocking" if site.form is Form.SYNC else "overlapped"]
+            entry[0] += 1
+            entry[1] += site.bytes_sent
+    return out
+
+
 def _inputs(unet: torch.nn.Module, case: BenchCase) -> tuple[tuple, dict]:
     from distrifx.models import unet_inputs
 
-    return unet_inputs(unet, case.batch, case.height, case.width, tokens=77)
+    args, kwargs = unet_inputs(unet, case.batch, case.height, case.width, tokens=77)
+    dtype = DTYPES[case.dtype]
+    return tree_map(lambda x: x.to(case.device, dtype if x.is_floating_point() else x.dtype)
+                    if isinstance(x, torch.Tensor) else x, (args, kwargs))
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_memory(device: str) -> int:
+    """Peak GPU memory allocated on ``cuda``, else this process's peak resident memory."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def bench_rank(case: BenchCase) -> dict[str, Any]:
@@ -63,7 +142,10 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
     from distrifx.models import random_unet
     from distrifx.runtime.comm import TimingCommunicator
 
-    unet = random_unet(case.model)
+    with torch.device(case.device):  # build on the device: a full-size model initializes there in seconds
+        unet = random_unet(case.model)
+    if DTYPES[case.dtype] is not torch.float32:
+        unet = unet.to(DTYPES[case.dtype])
     (sample, _), kwargs = _inputs(unet, case)
     timesteps = torch.linspace(999, 1, case.steps).round().long()
     group = None
@@ -82,23 +164,29 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
         for i, t in enumerate(timesteps):
             if not case.projected:
                 dist.barrier()  # align ranks so a slow start on one rank is not counted as waiting
-            start = time.perf_counter()
+            _sync(case.device)
+            start, cpu, own_cpu = time.perf_counter(), time.process_time(), time.thread_time()
             model(sample * (1 - 0.01 * i), t, **kwargs)
+            _sync(case.device)
             wall = time.perf_counter() - start
             stats = pmodel.last_stats if pmodel is not None else None
             steps.append({
                 "wall_s": wall,
+                # CPU time of this process's other threads (gloo's transport, for one)
+                "background_cpu_s": (time.process_time() - cpu) - (time.thread_time() - own_cpu),
                 "wait_s": stats.wait_s if stats else 0.0,
                 "bytes_sent": stats.bytes_sent if stats else 0,
                 "phase": pmodel.last_phase if pmodel is not None else "eager",
             })
     state_bytes = pmodel.generation.state_bytes if pmodel is not None else 0
+    program = pmodel.program(sample, timesteps[0], **kwargs) if pmodel is not None else None
     return {
         "rank": 0 if case.projected else dist.get_rank(),
         "steps": steps,
         "state_bytes": state_bytes,
+        "exchanges": {phase: _exchanges(program.sites(phase)) for phase in program.graphs} if program else {},
         "build_s": pmodel.build_seconds if pmodel is not None else 0.0,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "peak_bytes": _peak_memory(case.device),
         "cores": sorted(os.sched_getaffinity(0)),
     }
 
@@ -113,8 +201,10 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
         walls = [s["wall_s"] for s in steady]
         wall, wait = statistics.median(walls), statistics.median(s["wait_s"] for s in steady)
         per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wait_s": wait,
+                         "background_cpu_s": statistics.median(s["background_cpu_s"] for s in steady),
                          "compute_s": wall - wait, "bytes_sent": steady[-1]["bytes_sent"],
-                         "cores": rank_rounds[0]["cores"]})
+                         "cores": rank_rounds[0]["cores"],
+                         "exchanges": rank_rounds[0]["exchanges"].get(steady[-1]["phase"])})
     slowest = max(per_rank, key=lambda r: r["wall_s"])
     every = [r for ranks in rounds for r in ranks]
     return {
@@ -126,9 +216,11 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
         "compute_s": slowest["compute_s"],
         "exposed_comm_s": slowest["wait_s"],
         "exposed_comm_frac": slowest["wait_s"] / slowest["wall_s"],
+        "background_cpu_s": slowest["background_cpu_s"],
         "bytes_sent_per_step": max(r["bytes_sent"] for r in per_rank),
+        "exchanges": slowest["exchanges"],  # [count, bytes] blocking and overlapped, from the plan
         "state_bytes": max(r["state_bytes"] for r in every),
-        "peak_rss_bytes": max(r["peak_rss_bytes"] for r in every),
+        "peak_bytes": max(r["peak_bytes"] for r in every),
         "build_s": max(r["build_s"] for r in every),
         "per_rank": per_rank,
     }
@@ -139,14 +231,32 @@ def measure_case(case: BenchCase) -> list[dict[str, Any]]:
     from distrifx.launch import launch
 
     processes = 1 if case.projected else case.world_size
-    return launch(bench_rank, processes, case, threads_per_rank=case.threads, bind_cores=case.bind_cores,
-                  timeout_s=3600, all_ranks=True)
+    return launch(bench_rank, processes, case, backend="gloo", threads_per_rank=case.threads,
+                  bind_cores=case.bind_cores, timeout_s=3600, all_ranks=True)
 
 
-def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True) -> list[dict[str, Any]]:
+def _projection(result: dict[str, Any], link: Link) -> dict[str, Any]:
+    """A one-rank-alone result as a projected N-rank result over ``link`` (its step timed alone is the compute)."""
+    exchanges = result["exchanges"]
+    step = projected_step(result["step_s"], exchanges, link)
+    return {
+        **result,
+        "label": result["label"].replace("(one rank timed alone)", f"(projected over {link.label})"),
+        "link": asdict(link),
+        "step_s": step,
+        "step_range_s": [projected_step(s, exchanges, link) for s in result["step_range_s"]],
+        "compute_s": result["step_s"],
+        "exposed_comm_s": step - result["step_s"],
+        "exposed_comm_frac": 1 - result["step_s"] / step,
+    }
+
+
+def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True,
+              links: tuple[Link, ...] = ()) -> list[dict[str, Any]]:
     """Run every case (eager baselines included) ``rounds`` times, a round through all cases at a time
     so that a slow spell of the machine falls on every configuration alike; summarize each over its
-    rounds and add the speedup over the matching baseline."""
+    rounds, project every one-rank-alone case over each of ``links``, and add the speedup over the
+    matching baseline."""
     from tqdm import tqdm
 
     measured: list[list[list[dict[str, Any]]]] = [[] for _ in cases]
@@ -156,6 +266,7 @@ def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True) ->
                 runs.append(measure_case(case))
                 bar.update()
     results = [_summarize(case, runs) for case, runs in zip(cases, measured)]
+    results += [_projection(r, link) for link in links for r in results if r["case"]["projected"]]
     baselines = {(r["case"]["model"], r["case"]["height"], r["case"]["width"], r["case"]["batch"]): r["step_s"]
                  for r in results if r["case"]["mode"] == "eager"}
     for r in results:
@@ -194,12 +305,12 @@ def read_results(out_dir: Path) -> dict[str, Any]:
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     head = ("| config | step (s): median [min, max] | speedup | compute (s) | exposed comm (s) | exposed % "
-            "| sent/step (MiB) | stale buffers (MiB) | peak RSS/rank (GiB) |\n|---|---|---|---|---|---|---|---|---|")
+            "| sent/step (MiB) | stale buffers (MiB) | peak memory/rank (GiB) |\n|---|---|---|---|---|---|---|---|---|")
     rows = [
         f"| {r['label']} | {r['step_s']:.3f} [{r['step_range_s'][0]:.3f}, {r['step_range_s'][1]:.3f}] | "
         f"{r['speedup']:.2f}x | {r['compute_s']:.3f} | "
         f"{r['exposed_comm_s']:.4f} | {100 * r['exposed_comm_frac']:.1f}% | {r['bytes_sent_per_step'] / 2**20:.2f} | "
-        f"{r['state_bytes'] / 2**20:.2f} | {r['peak_rss_bytes'] / 2**30:.2f} |"
+        f"{r['state_bytes'] / 2**20:.2f} | {r['peak_bytes'] / 2**30:.2f} |"
         if r["speedup"] is not None else f"| {r['label']} | {r['step_s']:.3f} | - | | | | | | |"
         for r in results
     ]

@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="UNet config name from distrifx.models.UNET_CONFIGS (default sd15-half)")
     bench.add_argument("--latent", type=int, nargs="+", default=[64], help="square latent sizes (default 64)")
     bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
-    bench.add_argument("--world-sizes", type=int, nargs="+", default=[2], help="rank counts (default 2)")
+    bench.add_argument("--world-sizes", type=int, nargs="*", default=[2],
+                       help="rank counts run as real local ranks (default 2; none: only --project)")
     bench.add_argument("--modes", nargs="+", default=["sync", "stale", "naive"], choices=["sync", "stale", "naive"])
     bench.add_argument("--steps", type=int, default=8, help="denoising steps per run (default 8)")
     bench.add_argument("--warmup-steps", type=int, default=4, help="stale-mode warm-up steps (default 4)")
@@ -102,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "VAE decoder per rank at each world size (--latent's first size, world size 1 included)")
     bench.add_argument("--project", type=int, nargs="*", default=[],
                        help="world sizes too large for this machine: time one rank alone (compute only)")
+    bench.add_argument("--link-gbps", type=float, nargs="+", default=[],
+                       help="with --project: also project each one-rank timing over a link sending this many GB/s "
+                            "per rank (one row per value): compute plus the communication its plan needs")
+    bench.add_argument("--link-latency-us", type=float, default=15.0,
+                       help="the projection link's latency per collective in microseconds (default 15)")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                       help="cpu (default) or cuda: on a GPU only the eager baseline and --project run")
+    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                       help="model and input dtype (default float32)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
 
     comp = sub.add_parser("compile", help="export every rank's program offline (pt2, onnx or tensorrt)",
@@ -284,14 +294,20 @@ def _run_vae_bench(args: argparse.Namespace, command: str) -> int:
 
 
 def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
-    from distrifx.bench import BenchCase, markdown_table, run_cases, write_results
+    from distrifx.bench import BenchCase, Link, markdown_table, run_cases, write_results
 
     if args.component == "vae":
         return _run_vae_bench(args, "distrifx " + " ".join(argv))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("distrifx bench: --device cuda, but torch sees no CUDA device (torch "
+                         f"{torch.__version__}); run on a GPU machine with a CUDA build of torch, or drop --device")
+    if args.link_gbps and not args.project:
+        raise SystemExit("distrifx bench: --link-gbps projects one-rank-alone timings: add --project N ...")
     cases = []
     for latent in args.latent:
         common = dict(model=args.model, height=latent, width=latent, batch=args.batch, steps=args.steps,
-                      warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores)
+                      warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
+                      device=args.device, dtype=args.dtype)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
         variants = [dict(mode=m, gn_variant=g) for m in args.modes
                     for g in (args.gn_variants if m == "stale" else ["corrected"])]
@@ -299,7 +315,8 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
             cases += [BenchCase(world_size=n, mode="stale", transport=False, **common) for n in args.world_sizes]
-    results = run_cases(cases, rounds=args.rounds)
+    links = tuple(Link(gbps, args.link_latency_us) for gbps in args.link_gbps)
+    results = run_cases(cases, rounds=args.rounds, links=links)
     write_results(results, args.out, "distrifx " + " ".join(argv))
     print(markdown_table(results))
     print(f"distrifx: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")

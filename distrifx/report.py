@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from distrifx.bench import markdown_table, read_results, vae_memory_table
 from distrifx.errors import ConfigError
 from distrifx.fidelity import fidelity_table
@@ -22,12 +24,23 @@ SPEEDUP_TARGET = 1.9  # 2-rank stale, half-width SD 1.5, 64x64 latent, this CPU
 FIDELITY_TARGET_DB = 20.0  # stale above naive, PSNR against one device
 PUBLISHED_GAP = "24.6 dB against naive 14.0 dB at N=2 (+10.6 dB) and 23.0 against 10.7 dB at N=4 (+12.3 dB)"
 
+# DistriFusion's SDXL speedups on 2 / 4 / 8 A100s, by latent size (1024 and 3840 pixels).
+PUBLISHED_SPEEDUPS = {128: {2: 1.5, 4: 2.2, 8: 2.8}, 480: {2: 1.8, 4: 3.4, 8: 6.1}}
+
+
+def _gpu_argv(latent: int) -> tuple[str, ...]:
+    """The GPU projection command at one latent size: CFG batch of 2, fp16, one rank alone at N = 2, 4, 8."""
+    return ("bench", "--model", "sdxl-full", "--latent", str(latent), "--batch", "2", "--world-sizes", "--modes",
+            "stale", "--steps", "8", "--warmup-steps", "2", "--project", "2", "4", "8", "--device", "cuda",
+            "--dtype", "float16", "--link-gbps", "250", "25")
+
+
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "docs": {
         # The speedup target's configurations, in interleaved rounds: this machine's speed drifts.
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
-                                "stale", "--steps", "12", "--rounds", "3", "--threads", "1", "--project", "2",
+                                "stale", "--steps", "12", "--rounds", "6", "--threads", "1", "--project", "2",
                                 "--no-transport"),
         "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
                          "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "12", "--threads", "1",
@@ -37,14 +50,18 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--seeds", "0", "1", "2",
                      "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
-        "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected", "sync",
-                        "--seeds", "0", "1", "2", "--size", "32", "--steps", "50"),
+        # Warm-up 8 of 50: what more synchronous steps buy.
+        "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
+                        "sync", "--seeds", "0", "1", "2", "--size", "32", "--steps", "50"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
+        # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
+        # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
+        **{f"gpu-sdxl-{pixels}": _gpu_argv(latent) for pixels, latent in ((1024, 128), (2048, 256), (3840, 480))},
     },
     # A minute on two cores: every section's code path, for the tests.
     "tiny": {
         "sd15-16": ("bench", "--model", "sd15", "--latent", "16", "--world-sizes", "2", "--modes", "stale",
-                    "--steps", "3", "--warmup-steps", "1", "--project", "2", "--no-transport"),
+                    "--steps", "3", "--warmup-steps", "1", "--project", "2", "--link-gbps", "1", "--no-transport"),
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--seeds", "0",
                      "--size", "32", "--steps", "3"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
@@ -68,7 +85,14 @@ def run_suite(out: Path, suite: str = "docs", sections: Sequence[str] | None = N
         target = out / "bench" / key
         if (sections and key not in sections) or (reuse and (target / "results.json").exists()):
             continue
+        if _needs_gpu(argv) and not torch.cuda.is_available():
+            print(f"distrifx report: skipped section {key}: it needs a GPU and torch sees none")
+            continue
         main(_command(argv, target))
+
+
+def _needs_gpu(argv: Sequence[str]) -> bool:
+    return "--device" in argv and argv[argv.index("--device") + 1] == "cuda"
 
 
 def _verdict(met: bool) -> str:
@@ -97,13 +121,19 @@ def _model_line(results: list[dict[str, Any]]) -> str:
             f"random weights), batch {case['batch']}, {case['height']}x{case['width']} latent, 77 text tokens, "
             f"{case['steps']} denoising steps; median step after the first call (stale: after its "
             f"{case['warmup_steps']} warm-up steps) over {_rounds(results)} round(s) through all "
-            f"configurations, slowest rank; {case['threads']} torch thread(s) per rank, "
+            f"configurations, slowest rank; " + _where(case))
+
+
+def _where(case: dict[str, Any]) -> str:
+    if case.get("device", "cpu") == "cuda":
+        return f"{case['dtype']} on one GPU (peak memory: allocated on the GPU)."
+    return (f"{case['threads']} torch thread(s) per rank, "
             + ("each rank bound to its own cores where they fit." if case.get("bind_cores") else
                "ranks scheduled by the OS (not bound to cores)."))
 
 
 def _pct(value: float, base: float) -> str:
-    return f"{100 * (value / base - 1):+.0f}%"
+    return f"{round(100 * (value / base - 1)):+d}%"
 
 
 def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
@@ -135,7 +165,10 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
             f"{together['step_s']:.3f} s per step ({_pct(together['step_s'], alone['step_s'])} over one rank alone: "
             f"the two processes share two cores and their caches and memory bandwidth); with gloo moving the bytes "
             f"a rank computes for {stale['compute_s']:.3f} s ({_pct(stale['compute_s'], together['step_s'])}: "
-            f"gloo's send/receive threads run on the same two cores) and waits {stale['exposed_comm_s']:.3f} s.")
+            f"gloo's send/receive threads run on the same two cores) and waits {stale['exposed_comm_s']:.3f} s."
+            + (f" Measured: the rank's other threads used {stale['background_cpu_s']:.3f} s of CPU per step with gloo, "
+               f"{together['background_cpu_s']:.3f} s without transport."
+               if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
@@ -148,6 +181,24 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     if any(r["case"]["projected"] and r["case"]["world_size"] > 2 for r in results):
         out.append("Rows marked *one rank timed alone* at larger N are compute-only bounds for world sizes this "
                    "machine cannot run: they include no communication and are not measured speedups.")
+    if any("link" in r for r in results):
+        out.append("Rows marked *projected* are projections, not measurements: one rank's measured step plus the "
+                   "communication its compiled plan needs over the stated link, max(compute + blocking exchanges, "
+                   "all exchanges) (`distrifx.bench.projected_step`); stale exchanges are assumed to overlap "
+                   "compute fully and sync ones not at all.")
+    return out + _published_comparison(results)
+
+
+def _published_comparison(results: list[dict[str, Any]]) -> list[str]:
+    """Projected speedups next to DistriFusion's measured ones at the same resolution and N."""
+    out = []
+    for r in results:
+        c = r["case"]
+        published = PUBLISHED_SPEEDUPS.get(c["height"], {}).get(c["world_size"])
+        if "link" in r and c["model"] == "sdxl-full" and c["mode"] == "stale" and published and r["speedup"]:
+            out.append(f"{c['world_size']} GPUs at {8 * c['height']}x{8 * c['width']} px over "
+                       f"{r['link']['gbps']:g} GB/s: projected {r['speedup']:.2f}x; DistriFusion measured "
+                       f"{published}x on A100s.")
     return out
 
 
@@ -256,13 +307,19 @@ def _vae_section(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _gpu_section(records: dict[str, dict[str, Any]]) -> str:
-    gpus = sorted({r["machine"] for r in records.values() if "no GPU" not in r["machine"]})
-    if gpus:
-        return "## GPU\n\nSections above that ran on a GPU say so in their machine line:\n\n" + "\n".join(
-            f"- {g}" for g in gpus)
-    return ("## GPU\n\nNo GPU was available to any command on this page: there are no GPU numbers, measured or "
-            "projected. `distrifx bench` times CPU ranks only; timing GPU ranks (nccl) is not implemented yet.")
+def _gpu_section(records: dict[str, dict[str, Any]], suite: str) -> str:
+    gpu = [f"{key} ({r['machine']}, {r['date']})" for key, r in records.items() if _needs_gpu(SUITES[suite][key])]
+    if gpu:
+        return "## GPU\n\nThe sections measured on a GPU:\n\n" + "\n".join(f"- {g}" for g in gpu)
+    text = ("## GPU\n\nNo GPU was available to any command on this page: there are no GPU numbers, measured or "
+            "projected.")
+    missing = [key for key, argv in SUITES[suite].items() if _needs_gpu(argv)]
+    if missing:
+        text += (f" On a machine with one, `distrifx report --out docs --sections {' '.join(missing)}` times full "
+                 "SDXL there (`distrifx bench --device cuda`: the eager baseline and one rank alone at 2, 4 and 8 "
+                 "GPUs) and projects the N-GPU speedups over an NVLink-class and a PCIe-class link, next to "
+                 "DistriFusion's published numbers; `scripts/gpu_check.sh` runs the CUDA tests and then these.")
+    return text
 
 
 def render(out: Path, suite: str = "docs") -> str:
@@ -294,7 +351,7 @@ def render(out: Path, suite: str = "docs") -> str:
             sections.append(_fidelity_section(key, record))
         elif "--component" in suite_argv[key]:
             sections.append(_vae_section(record))
-    sections.append(_gpu_section(records))
+    sections.append(_gpu_section(records, suite))
     sections.append("## Compile and export\n\nEager vs inductor vs pt2 vs aoti vs onnx step and compile times: "
                     "[compile.md](compile.md).")
     return "\n\n".join(sections) + "\n"

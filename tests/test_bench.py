@@ -10,6 +10,8 @@ import sys
 import pytest
 import torch
 
+from distrifx.bench import BenchCase, Link, bench_rank, projected_step
+from distrifx.errors import ConfigError
 from distrifx.metrics import psnr, ssim
 
 
@@ -49,8 +51,10 @@ def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
 
     def measure(case):
         calls.append(case.mode)
-        steps = [{"wall_s": w, "wait_s": 0.1, "bytes_sent": 8, "phase": "x"} for w in next(walls[case.mode])]
-        return [{"steps": steps, "state_bytes": 1, "build_s": 0.0, "peak_rss_bytes": 1, "cores": [0]}] * case.world_size
+        steps = [{"wall_s": w, "wait_s": 0.1, "background_cpu_s": 0.0, "bytes_sent": 8, "phase": "x"}
+                 for w in next(walls[case.mode])]
+        return [{"steps": steps, "state_bytes": 1, "build_s": 0.0, "peak_bytes": 1, "cores": [0],
+                 "exchanges": {}}] * case.world_size
 
     monkeypatch.setattr(bench, "measure_case", measure)
     cases = [bench.BenchCase(world_size=1, mode="eager", steps=3),
@@ -69,14 +73,18 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     assert bench["command"].startswith("distrifx bench --model sd15") and "no GPU" in bench["machine"]
     labels = [r["label"] for r in bench["results"]]
     assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale",
-                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", "sd15 16x16 b1 N=2 stale (no transport)"]
+                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", "sd15 16x16 b1 N=2 stale (no transport)",
+                      "sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)"]
     by_label = dict(zip(labels, bench["results"]))
     stale = by_label["sd15 16x16 b1 N=2 stale"]
     assert stale["bytes_sent_per_step"] > 0 and stale["state_bytes"] > 0
     assert len(stale["per_rank"]) == 2 and stale["speedup"] > 0 and stale["rounds"] == 1
     if len(os.sched_getaffinity(0)) >= 2:  # each rank bound to its own core
         assert [r["cores"] for r in stale["per_rank"]] == [[c] for c in sorted(os.sched_getaffinity(0))[:2]]
-    assert len(by_label["sd15 16x16 b1 N=2 stale (one rank timed alone)"]["per_rank"]) == 1
+    alone = by_label["sd15 16x16 b1 N=2 stale (one rank timed alone)"]
+    assert len(alone["per_rank"]) == 1
+    projected = by_label["sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)"]
+    assert projected["compute_s"] == alone["step_s"] and projected["step_s"] > alone["step_s"]
     assert (tmp_path / "bench" / "sd15-16" / "speedup.png").stat().st_size > 0
 
     vae = json.loads((tmp_path / "bench" / "vae-memory" / "results.json").read_text())["results"]
@@ -84,8 +92,9 @@ def test_report_runs_every_section_end_to_end(tmp_path):
 
     page = (tmp_path / "benchmarks.md").read_text()
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
-                     "two stale ranks run together with collectives that return at once",
-                     "## Bytes per step, by exchange", "| kv | 8 |", "## Fidelity on the trained default model: 3 DDIM steps", "at 32x32 pixels",
+                     "two stale ranks run together with collectives that return at once", "of CPU per step with gloo",
+                     "Rows marked *projected* are projections", "## Bytes per step, by exchange", "| kv | 8 |",
+                     "## Fidelity on the trained default model: 3 DDIM steps", "at 32x32 pixels",
                      "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
                      f"--steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
@@ -117,3 +126,67 @@ def test_report_refuses_an_unknown_section(tmp_path):
 
     with pytest.raises(ConfigError, match=r"no section \['speed'\] in suite 'tiny'; its sections are"):
         run_suite(tmp_path, "tiny", sections=["speed"])
+
+
+def test_projected_step_hides_overlapped_exchanges_but_not_blocking_ones():
+    link = Link(gbps=1.0, latency_us=0.0)  # 1e9 bytes per second
+    light = {"blocking": [1, 500_000_000], "overlapped": [3, 1_000_000_000]}
+    assert projected_step(2.0, light, link) == pytest.approx(2.5)  # 0.5 s blocked; the stale second hides
+    heavy = {"blocking": [1, 500_000_000], "overlapped": [3, 4_000_000_000]}
+    assert projected_step(2.0, heavy, link) == pytest.approx(4.5)  # the link cannot keep up: it sets the pace
+    assert Link(1.0, latency_us=10.0).seconds(0, 100) == pytest.approx(1e-3)
+
+
+def test_one_rank_alone_in_half_precision_sends_what_its_plan_says():
+    """A projected case runs in this process; the plan's exchanges add up to the bytes the rank counted."""
+    from distrifx.bench import _projection, _summarize
+
+    case = BenchCase(model="sd15", height=16, width=16, world_size=4, mode="stale", projected=True, steps=3,
+                     warmup_steps=1, dtype="bfloat16")
+    rank = bench_rank(case)
+    stale = rank["exchanges"]["stale"]
+    assert stale["blocking"][0] == 1 and stale["overlapped"][0] > 0  # only the output gather blocks
+    assert stale["blocking"][1] + stale["overlapped"][1] == rank["steps"][-1]["bytes_sent"]
+    assert rank["exchanges"]["warmup"]["overlapped"] == [0, 0]
+    result = _projection(_summarize(case, [[rank]]), Link(1.0))
+    assert result["label"] == "sd15 16x16 b1 N=4 stale (projected over 1 GB/s, 15 us)"
+    assert result["step_s"] == pytest.approx(projected_step(result["compute_s"], stale, Link(1.0)))
+
+
+def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
+    BenchCase(device="cuda", world_size=8, projected=True)
+    with pytest.raises(ConfigError, match="one rank alone"):
+        BenchCase(device="cuda", world_size=2, mode="stale")
+    with pytest.raises(ConfigError, match="dtype 'half' is not one of"):
+        BenchCase(dtype="half")
+
+
+def test_bench_refuses_cuda_without_a_gpu_and_links_without_projections(monkeypatch):
+    from distrifx.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="torch sees no CUDA device"):
+        main(["bench", "--device", "cuda", "--world-sizes", "--project", "2"])
+    with pytest.raises(SystemExit, match="--link-gbps projects one-rank-alone timings"):
+        main(["bench", "--link-gbps", "100"])
+
+
+def test_gpu_sections_are_skipped_without_a_gpu_and_the_page_says_how_to_run_them(tmp_path, monkeypatch, capsys):
+    from distrifx.report import _gpu_section, run_suite
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run_suite(tmp_path, "docs", sections=["gpu-sdxl-1024"])
+    assert "skipped section gpu-sdxl-1024: it needs a GPU" in capsys.readouterr().out
+    assert not (tmp_path / "bench").exists()
+    assert "--sections gpu-sdxl-1024 gpu-sdxl-2048 gpu-sdxl-3840` times full SDXL" in _gpu_section({}, "docs")
+
+
+def test_projected_gpu_speedups_stand_beside_the_published_ones():
+    from distrifx.report import _published_comparison
+
+    row = {"case": {"model": "sdxl-full", "height": 480, "width": 480, "world_size": 8, "mode": "stale"},
+           "link": {"gbps": 250.0, "latency_us": 15.0}, "speedup": 5.5}
+    assert _published_comparison([row]) == [
+        "8 GPUs at 3840x3840 px over 250 GB/s: projected 5.50x; DistriFusion measured 6.1x on A100s."]
+    measured = {k: v for k, v in row.items() if k != "link"}
+    assert _published_comparison([measured, {**row, "case": {**row["case"], "height": 256}}]) == []

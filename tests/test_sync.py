@@ -7,7 +7,7 @@ import torch
 
 import distrifx
 from distrifx.models import random_unet, unet_inputs
-from tests.conftest import sync_error
+from tests.conftest import half_precision_errors, sync_error
 
 ATOL = 1e-5
 
@@ -26,6 +26,12 @@ def test_sync_equals_eager_eight_simulated_ranks(name):
     unet = random_unet(name)
     args, kwargs = unet_inputs(unet, 1, 32, 24)
     assert sync_error(unet, 8, *args, **kwargs) < ATOL
+
+
+@pytest.mark.parametrize("name,dtype", [("sd15", torch.bfloat16), ("sdxl", torch.float16)])
+def test_half_precision_sync_is_as_close_to_float32_as_the_half_model(name, dtype):
+    rounding, parallel = half_precision_errors(name, dtype)
+    assert parallel < 2 * rounding
 
 
 def test_return_types_follow_the_model():

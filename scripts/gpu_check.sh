@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU checks in one command, for a machine with a CUDA GPU and a CUDA build of torch:
+# the CUDA tests (tests/test_cuda.py), then GPU benchmark sections of docs/benchmarks.md.
+#
+#   scripts/gpu_check.sh [SECTION ...]     default: gpu-sdxl-1024 (see distrifx/report.py SUITES)
+#
+# Each section takes a few minutes on one GPU (fresh processes: build full SDXL, capture it, time it).
+# Packages missing on the machine (no index there) can travel as wheels in .whl/ (git-ignored):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+fi
+export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+python3 -m distrifx report --out docs --sections "${@:-gpu-sdxl-1024}"
