@@ -185,7 +185,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
         out.append("Rows marked *projected* are projections, not measurements: one rank's measured step plus the "
                    "communication its compiled plan needs over the stated link, max(compute + blocking exchanges, "
                    "all exchanges) (`distrifx.bench.projected_step`); stale exchanges are assumed to overlap "
-                   "compute fully and sync ones not at all.")
+                   "compute fully, sync ones not at all, and communication not to slow compute down.")
     return out + _published_comparison(results)
 
 
