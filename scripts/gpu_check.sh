@@ -4,6 +4,8 @@
 #
 #   scripts/gpu_check.sh [SECTION ...]     default: gpu-sdxl-1024 (see distrifx/report.py SUITES)
 #
+# Results land in docs/ (docs/bench/SECTION/ and docs/benchmarks.md); with RESULTS_DIR set, they are
+# also copied there (for a machine whose working tree is thrown away afterwards).
 # Each section takes a few minutes on one GPU (fresh processes: build full SDXL, capture it, time it).
 # Packages missing on the machine (no index there) can travel as wheels in .whl/ (git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -16,5 +18,14 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-python3 -m distrifx report --out docs --sections "${@:-gpu-sdxl-1024}"
+tests=0
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py || tests=$?  # the benchmarks run either way
+sections=("${@:-gpu-sdxl-1024}")
+python3 -m distrifx report --out docs --sections "${sections[@]}"
+if [ -n "${RESULTS_DIR:-}" ]; then
+    for section in "${sections[@]}"; do
+        mkdir -p "$RESULTS_DIR/$section" && cp docs/bench/"$section"/* "$RESULTS_DIR/$section/"
+    done
+    cp docs/benchmarks.md "$RESULTS_DIR/"
+fi
+exit "$tests"
