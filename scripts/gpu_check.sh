@@ -7,16 +7,18 @@
 # Results land in docs/ (docs/bench/SECTION/ and docs/benchmarks.md); with RESULTS_DIR set, they are
 # also copied there (for a machine whose working tree is thrown away afterwards).
 # Each section takes a few minutes on one GPU (fresh processes: build full SDXL, capture it, time it).
-# Packages missing on the machine (no index there) can travel as wheels in .whl/ (git-ignored):
+# Installs this checkout (editable, no dependencies) if it is not installed. Packages missing on
+# the machine (without a package index there) can travel as wheels in .whl/ (git-ignored):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" > /dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
+    python3 -m pip install -q --no-index --no-deps --no-cache-dir .whl/*.whl
 fi
-export PYTHONPATH="$PWD:${PYTHONPATH:-}"
+if ! python3 -c "import distrifx.passes" 2> /dev/null; then  # not installed here yet: as in the README
+    python3 -m pip install -q --no-index --no-deps --no-build-isolation -e .
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 tests=0
 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py || tests=$?  # the benchmarks run either way
