@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from distrifx.bench import DTYPES
+
 __all__ = ["main", "build_parser"]
 
 _CFG_PARALLEL = {"auto": "auto", "on": True, "off": False}
@@ -110,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the projection link's latency per collective in microseconds (default 15)")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                        help="cpu (default) or cuda: on a GPU only the eager baseline and --project run")
-    bench.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+    bench.add_argument("--dtype", choices=list(DTYPES), default="float32",
                        help="model and input dtype (default float32)")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
 
