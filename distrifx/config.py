@@ -22,7 +22,7 @@ class Mode(str, enum.Enum):
 class GNVariant(str, enum.Enum):
     """Which statistics GroupNorm uses after warm-up in stale mode."""
 
-    CORRECTED = "corrected"  # stale global stats with this rank's part replaced by fresh local stats
+    CORRECTED = "corrected"  # stale global stats shifted by this rank's change since the previous step
     SYNC = "sync"  # fresh global stats (a synchronous exchange every step)
     STALE = "stale"  # the previous step's global stats, this rank's part included
     SEPARATE = "separate"  # local stats only
