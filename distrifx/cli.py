@@ -12,6 +12,7 @@ Without torchrun, ``--world-size N`` spawns N local ranks itself (gloo on CPU, n
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from distrifx.bench import DTYPES
+from distrifx.models import UNET_CONFIGS
 
 __all__ = ["main", "build_parser"]
 
@@ -79,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure speedup, exposed communication, bytes and memory",
                            description="Run the model unmodified on one rank and patch-parallel on N ranks, "
                                        "each configuration in fresh processes; write JSON and a markdown table.")
-    bench.add_argument("--model", default="sd15-half",
-                       help="UNet config name from distrifx.models.UNET_CONFIGS (default sd15-half)")
+    bench.add_argument("--model", nargs="+", default=["sd15-half"], choices=list(UNET_CONFIGS),
+                       help="UNet config names from distrifx.models.UNET_CONFIGS to sweep (default sd15-half)")
     bench.add_argument("--latent", type=int, nargs="+", default=[64], help="square latent sizes (default 64)")
     bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     bench.add_argument("--world-sizes", type=int, nargs="*", default=[2],
@@ -306,8 +308,8 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.link_gbps and not args.project:
         raise SystemExit("distrifx bench: --link-gbps projects one-rank-alone timings: add --project N ...")
     cases = []
-    for latent in args.latent:
-        common = dict(model=args.model, height=latent, width=latent, batch=args.batch, steps=args.steps,
+    for model, latent in itertools.product(args.model, args.latent):
+        common = dict(model=model, height=latent, width=latent, batch=args.batch, steps=args.steps,
                       warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
                       device=args.device, dtype=args.dtype)
         cases.append(BenchCase(world_size=1, mode="eager", **common))

@@ -153,6 +153,28 @@ def test_one_rank_alone_in_half_precision_sends_what_its_plan_says():
     assert result["step_s"] == pytest.approx(projected_step(result["compute_s"], stale, Link(1.0)))
 
 
+def test_bench_sweeps_models_and_latents_each_against_its_own_baseline(tmp_path, monkeypatch):
+    """`--model a b --latent x y`: every pair gets its eager baseline, and speedups divide by that one."""
+    from distrifx import bench
+    from distrifx.cli import main
+
+    def measure(case):
+        wall = case.height * (2.0 if case.model == "sd15" else 3.0) / (1 if case.mode == "eager" else 2)
+        steps = [{"wall_s": wall, "wait_s": 0.0, "background_cpu_s": 0.0, "bytes_sent": 0, "phase": "x"}] * 3
+        return [{"steps": steps, "state_bytes": 0, "build_s": 0.0, "peak_bytes": 1, "cores": [0],
+                 "exchanges": {}}] * case.world_size
+
+    monkeypatch.setattr(bench, "measure_case", measure)
+    main(["bench", "--model", "sd15", "sdxl", "--latent", "8", "16", "--modes", "naive", "--steps", "3",
+          "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["case"]["model"], r["case"]["height"], r["case"]["mode"]) for r in results] == [
+        (m, h, mode) for m in ("sd15", "sdxl") for h in (8, 16) for mode in ("eager", "naive")]
+    assert [r["speedup"] for r in results] == [1.0, 2.0] * 4
+    with pytest.raises(SystemExit):
+        main(["bench", "--model", "sd15", "nosuch"])
+
+
 def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
     BenchCase(device="cuda", world_size=8, projected=True)
     with pytest.raises(ConfigError, match="one rank alone"):
