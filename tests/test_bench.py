@@ -42,6 +42,13 @@ def test_rank_cores_gives_each_rank_its_own_cores_when_they_fit(monkeypatch):
     assert rank_cores(0, 4, 2) is None  # 8 threads on 4 cores: left to the OS
 
 
+def _measured(case, walls, wait_s=0.0):
+    """What ``bench.measure_case`` returns for ``case`` if every rank's steps took ``walls`` seconds."""
+    steps = [{"wall_s": w, "wait_s": wait_s, "background_cpu_s": 0.0, "bytes_sent": 8, "phase": "x"} for w in walls]
+    return [{"steps": steps, "state_bytes": 1, "build_s": 0.0, "peak_bytes": 1, "cores": [0],
+             "exchanges": {}}] * case.world_size
+
+
 def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
     """`--rounds`: a round runs every case once; a case's median is over its steady steps of all rounds."""
     from distrifx import bench
@@ -51,10 +58,7 @@ def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
 
     def measure(case):
         calls.append(case.mode)
-        steps = [{"wall_s": w, "wait_s": 0.1, "background_cpu_s": 0.0, "bytes_sent": 8, "phase": "x"}
-                 for w in next(walls[case.mode])]
-        return [{"steps": steps, "state_bytes": 1, "build_s": 0.0, "peak_bytes": 1, "cores": [0],
-                 "exchanges": {}}] * case.world_size
+        return _measured(case, next(walls[case.mode]), wait_s=0.1)
 
     monkeypatch.setattr(bench, "measure_case", measure)
     cases = [bench.BenchCase(world_size=1, mode="eager", steps=3),
@@ -160,9 +164,7 @@ def test_bench_sweeps_models_and_latents_each_against_its_own_baseline(tmp_path,
 
     def measure(case):
         wall = case.height * (2.0 if case.model == "sd15" else 3.0) / (1 if case.mode == "eager" else 2)
-        steps = [{"wall_s": wall, "wait_s": 0.0, "background_cpu_s": 0.0, "bytes_sent": 0, "phase": "x"}] * 3
-        return [{"steps": steps, "state_bytes": 0, "build_s": 0.0, "peak_bytes": 1, "cores": [0],
-                 "exchanges": {}}] * case.world_size
+        return _measured(case, [wall] * 3)
 
     monkeypatch.setattr(bench, "measure_case", measure)
     main(["bench", "--model", "sd15", "sdxl", "--latent", "8", "16", "--modes", "naive", "--steps", "3",
