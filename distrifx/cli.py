@@ -22,9 +22,13 @@ from typing import Any
 import torch
 
 from distrifx.bench import DTYPES
+from distrifx.config import GNVariant, Mode
 from distrifx.models import UNET_CONFIGS
 
 __all__ = ["main", "build_parser"]
+
+MODES = [m.value for m in Mode]
+GN_VARIANTS = [v.value for v in GNVariant]
 
 _CFG_PARALLEL = {"auto": "auto", "on": True, "off": False}
 # generate's parallel options; with --engines they come from the export instead.
@@ -35,10 +39,10 @@ _PARALLEL_DEFAULTS = {"world_size": 2, "mode": "stale", "warmup_steps": 4, "gn_v
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None,
                    help="number of ranks (row patches); default 2 (with --engines: the export's)")
-    p.add_argument("--mode", choices=["sync", "stale", "naive"], default=None,
+    p.add_argument("--mode", choices=MODES, default=None,
                    help="sync: exact; stale: DistriFusion's displaced patches (default); naive: no interaction")
     p.add_argument("--warmup-steps", type=int, default=None, help="synchronous steps before stale mode (default 4)")
-    p.add_argument("--gn-variant", choices=["corrected", "sync", "stale", "separate"], default=None,
+    p.add_argument("--gn-variant", choices=GN_VARIANTS, default=None,
                    help="GroupNorm statistics after warm-up in stale mode (default corrected)")
     p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default=None,
                    help="put the two halves of a guidance batch on two rank groups (default auto)")
@@ -87,11 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     bench.add_argument("--world-sizes", type=int, nargs="*", default=[2],
                        help="rank counts run as real local ranks (default 2; none: only --project)")
-    bench.add_argument("--modes", nargs="+", default=["sync", "stale", "naive"], choices=["sync", "stale", "naive"])
+    bench.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     bench.add_argument("--steps", type=int, default=8, help="denoising steps per run (default 8)")
     bench.add_argument("--warmup-steps", type=int, default=4, help="stale-mode warm-up steps (default 4)")
     bench.add_argument("--gn-variants", nargs="+", default=["corrected"],
-                       choices=["corrected", "sync", "stale", "separate"],
+                       choices=GN_VARIANTS,
                        help="stale mode's GroupNorm statistics to sweep (default corrected)")
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     bench.add_argument("--rounds", type=_positive_int, default=1,
@@ -135,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="pt2: torch.export (default); aoti: AOTInductor-compiled packages (native code, needs a "
                            "C++ compiler); onnx: onnxruntime, CPU; tensorrt: TensorRT engines, CUDA")
     comp.add_argument("--world-size", type=int, default=2)
-    comp.add_argument("--mode", choices=["sync", "stale", "naive"], default="stale")
+    comp.add_argument("--mode", choices=MODES, default="stale")
     comp.add_argument("--warmup-steps", type=int, default=4)
     comp.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
                       help="put the two halves of a guidance batch on two rank groups (default auto)")
@@ -146,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "single-device image, per seed; writes a table, JSON and a figure.")
     fid.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     fid.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4], help="stale warm-up steps to sweep")
-    fid.add_argument("--gn-variants", nargs="+", default=["corrected", "sync", "stale", "separate"])
+    fid.add_argument("--gn-variants", nargs="+", default=GN_VARIANTS, choices=GN_VARIANTS)
     fid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fid.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     fid.add_argument("--steps", type=int, default=20)
