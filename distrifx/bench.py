@@ -28,7 +28,7 @@ from torch.utils._pytree import tree_map
 
 from distrifx.errors import ConfigError
 
-__all__ = ["BenchCase", "Link", "projected_step", "measure_case", "run_cases", "markdown_table",
+__all__ = ["BenchCase", "Link", "projected_step", "build_case", "measure_case", "run_cases", "markdown_table",
            "machine_description", "plot_results", "write_results", "read_results", "write_json", "run_vae_memory",
            "vae_memory_table"]
 
@@ -134,8 +134,9 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def bench_rank(case: BenchCase) -> dict[str, Any]:
-    """Run ``case`` on this rank (inside ``distrifx.launch``, or alone if projected); return its measurements."""
+def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dict, torch.Tensor]:
+    """``case``'s model on its device and its inputs: ``(model, parallel model or None, sample, kwargs,
+    timesteps)``. One rank alone (``projected``) or without transport times a :class:`TimingCommunicator`."""
     import torch.distributed as dist
 
     import distrifx
@@ -154,11 +155,17 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
     elif not case.transport:
         group = TimingCommunicator(dist.get_rank(), case.world_size, 60.0)
     if case.mode == "eager":
-        model, pmodel = unet, None
-    else:
-        pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
-                                      gn_variant=case.gn_variant, cfg_parallel=False, process_group=group)
-        model = pmodel
+        return unet, None, sample, kwargs, timesteps
+    pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
+                                  gn_variant=case.gn_variant, cfg_parallel=False, process_group=group)
+    return pmodel, pmodel, sample, kwargs, timesteps
+
+
+def bench_rank(case: BenchCase) -> dict[str, Any]:
+    """Run ``case`` on this rank (inside ``distrifx.launch``, or alone if projected); return its measurements."""
+    import torch.distributed as dist
+
+    model, pmodel, sample, kwargs, timesteps = build_case(case)
     steps = []
     with torch.no_grad():
         for i, t in enumerate(timesteps):

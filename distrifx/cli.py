@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 4 -m distrifx generate --model ./my-sd15 --height 1024 --width 1024
     distrifx compile --world-size 2 --format pt2 --out engines/ && distrifx generate --engines engines/
     distrifx bench --model sd15-half --latent 64     distrifx fidelity --world-sizes 2 4
+    distrifx profile --model sd15-half --latent 64 --world-size 2
 
 Without ``--model`` it runs on the embedded default model (small, shipped in the package).
 Without torchrun, ``--world-size N`` spawns N local ranks itself (gloo on CPU, nccl on GPUs).
@@ -156,10 +157,26 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--steps", type=int, default=20)
     fid.add_argument("--out", type=Path, default=Path("fidelity-results"))
 
+    prof = sub.add_parser("profile", help="where one rank loses against 1/N of the model, op by op",
+                          description="Profile steady steps of the unmodified model and of one rank alone "
+                                      "(collectives return at once) in this process; write each op's time on the "
+                                      "rank against its ideal share, the model's time / N.")
+    prof.add_argument("--model", default="sd15-half", choices=list(UNET_CONFIGS),
+                      help="UNet config name from distrifx.models.UNET_CONFIGS (default sd15-half)")
+    prof.add_argument("--latent", type=int, default=64, help="square latent size (default 64)")
+    prof.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    prof.add_argument("--world-size", type=int, default=2, help="the rank's world size (default 2)")
+    prof.add_argument("--mode", choices=MODES, default="stale")
+    prof.add_argument("--warmup-steps", type=int, default=4, help="stale-mode warm-up steps run first (default 4)")
+    prof.add_argument("--gn-variant", choices=GN_VARIANTS, default="corrected")
+    prof.add_argument("--steps", type=_positive_int, default=2, help="steady steps to profile (default 2)")
+    prof.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    prof.add_argument("--out", type=Path, default=Path("profile-results"), help="output directory")
+
     rep = sub.add_parser("report", help="run the benchmark suite and write benchmarks.md from its results",
-                         description="Run every benchmark section (speed at 64x64 and 128x128, fidelity, VAE "
-                                     "memory; about 30 minutes on 2 cores) into OUT/bench/<section>/ and render "
-                                     "OUT/benchmarks.md from the results.")
+                         description="Run every benchmark section (speed at 64x64 and 128x128, an op-by-op "
+                                     "profile, fidelity, VAE memory; over an hour on 2 cores) into "
+                                     "OUT/bench/<section>/ and render OUT/benchmarks.md from the results.")
     rep.add_argument("--out", type=Path, default=Path("docs"), help="docs directory (default docs)")
     rep.add_argument("--suite", choices=["docs", "tiny"], default="docs",
                      help="docs: the published numbers; tiny: every section in about a minute (default docs)")
@@ -378,6 +395,23 @@ def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _run_profile(args: argparse.Namespace, argv: list[str]) -> int:
+    from distrifx.bench import BenchCase, write_json
+    from distrifx.breakdown import breakdown_table, profile_case
+
+    case = BenchCase(model=args.model, height=args.latent, width=args.latent, batch=args.batch,
+                     world_size=args.world_size, mode=args.mode, warmup_steps=args.warmup_steps,
+                     gn_variant=args.gn_variant, threads=args.threads)
+    result = profile_case(case, args.steps)
+    command = "distrifx " + " ".join(argv)
+    write_json(args.out, command, result)
+    table = breakdown_table(result)
+    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n")
+    print(table)
+    print(f"distrifx: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -394,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_fidelity(args, argv)
     if args.command == "compile":
         return _run_compile(args)
+    if args.command == "profile":
+        return _run_profile(args, argv)
     raise SystemExit(f"unknown command {args.command}")
 
 

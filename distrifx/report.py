@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from distrifx.bench import markdown_table, read_results, vae_memory_table
+from distrifx.breakdown import breakdown_findings, breakdown_table
 from distrifx.errors import ConfigError
 from distrifx.fidelity import fidelity_table
 
@@ -47,6 +48,9 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                          "--project", "2", "4", "8", "--no-transport"),
         "sd15-half-128": ("bench", "--model", "sd15-half", "--latent", "128", "--world-sizes", "2", "--modes", "sync",
                           "stale", "naive", "--steps", "6", "--warmup-steps", "3", "--threads", "1"),
+        # Where the one-rank-alone bound of the target's configuration loses against 2x, op by op.
+        "profile-sd15-half-64": ("profile", "--model", "sd15-half", "--latent", "64", "--world-size", "2", "--steps",
+                                 "4"),
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--seeds", "0", "1", "2",
                      "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
@@ -65,6 +69,8 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--seeds", "0",
                      "--size", "32", "--steps", "3"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
+        "profile": ("profile", "--model", "sd15", "--latent", "16", "--world-size", "2", "--warmup-steps", "1",
+                    "--steps", "1"),
     },
 }
 
@@ -254,6 +260,20 @@ def _bytes_section(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _profile_section(key: str, record: dict[str, Any]) -> str:
+    result = record["results"]
+    case = result["case"]
+    lines = [f"## Where one rank's step goes: {key}", "",
+             f"UNet `{case['model']}`, batch {case['batch']}, {case['height']}x{case['width']} latent, "
+             f"{case['mode']} mode at N={case['world_size']}: self CPU time per op (torch.profiler, "
+             f"{case['threads']} thread(s)) of the unmodified model and of one rank alone (collectives return at "
+             f"once), {result['profiled_steps']} steady step(s) of each in turns, per step. The ideal is the "
+             "unmodified model's time / N.", "",
+             f"```bash\n{record['command']}\n```", "", breakdown_table(result), ""]
+    lines += [f"- {finding}" for finding in breakdown_findings(result)]
+    return "\n".join(lines)
+
+
 def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
     """Per world size: the default stale configuration and the best one against naive, and the target."""
     from distrifx.fidelity import FidelityCase
@@ -346,6 +366,7 @@ def render(out: Path, suite: str = "docs") -> str:
     sections += [_speed_section(key, records[key], target) for key in speed]
     if speed:
         sections.append(_bytes_section(records[speed[0]]))
+    sections += [_profile_section(key, records[key]) for key in records if suite_argv[key][0] == "profile"]
     for key, record in records.items():
         if suite_argv[key][0] == "fidelity":
             sections.append(_fidelity_section(key, record))

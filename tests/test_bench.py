@@ -70,7 +70,7 @@ def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
 
 
 def test_report_runs_every_section_end_to_end(tmp_path):
-    """`distrifx report --suite tiny`: bench, fidelity and VAE memory run, and the page is rendered from them."""
+    """`distrifx report --suite tiny`: bench, fidelity, VAE memory and profile run; the page is rendered from them."""
     cmd = [sys.executable, "-m", "distrifx", "report", "--suite", "tiny", "--out", str(tmp_path)]
     subprocess.run(cmd, check=True, timeout=900, capture_output=True)
     bench = json.loads((tmp_path / "bench" / "sd15-16" / "results.json").read_text())
@@ -94,12 +94,19 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     vae = json.loads((tmp_path / "bench" / "vae-memory" / "results.json").read_text())["results"]
     assert [r["world_size"] for r in vae] == [1, 2] and all(r["decode_bytes"] > 0 for r in vae)
 
+    profile = json.loads((tmp_path / "bench" / "profile" / "results.json").read_text())["results"]
+    levels = {r["op"].rsplit(" ", 1)[1] for r in profile["rows"]
+              if " @ width " in r["op"] and r["eager_s"] > 0 and r["rank_s"] > 0}
+    assert {"16", "8"} <= levels  # the same convolutions found in both graphs, by level
+    assert profile["rank_s"] == pytest.approx(sum(r["rank_s"] for r in profile["rows"])) and profile["rank_s"] > 0
+
     page = (tmp_path / "benchmarks.md").read_text()
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
                      "two stale ranks run together with collectives that return at once", "of CPU per step with gloo",
                      "Rows marked *projected* are projections", "## Bytes per step, by exchange", "| kv | 8 |",
                      "## Fidelity on the trained default model: 3 DDIM steps", "at 32x32 pixels",
                      "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
+                     "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
                      f"--steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
         assert expected in page, expected
