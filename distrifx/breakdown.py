@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -75,7 +76,7 @@ def profile_case(case: BenchCase, profiled: int = 2) -> dict[str, Any]:
                 step(run, i)
         for i in range(first_steady, first_steady + profiled):
             for run, total in zip(runs, totals):
-                total.update(_op_seconds(lambda: step(run, i)))
+                total.update(_op_seconds(partial(step, run, i)))
     eager, rank = ({op: s / profiled for op, s in total.items()} for total in totals)
     return {"case": asdict(case), "label": case.label, "profiled_steps": profiled,
             "eager_s": sum(eager.values()), "rank_s": sum(rank.values()),

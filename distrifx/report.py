@@ -221,7 +221,7 @@ def _target_section(records: dict[str, dict[str, Any]], speed: list[str]) -> str
     return max(cases, key=lambda k: _rounds(records[k]["results"]), default=None)
 
 
-def _speed_section(key: str, record: dict[str, Any], target: str | None) -> str:
+def _speed_section(key: str, record: dict[str, Any], target: str | None, profile: str | None = None) -> str:
     results = record["results"]
     stale = _find(results, "stale", 2)
     lines = [f"## Speed: {key}", "", _model_line(results), "", f"```bash\n{record['command']}\n```", "",
@@ -231,6 +231,8 @@ def _speed_section(key: str, record: dict[str, Any], target: str | None) -> str:
     if stale and key == target:
         lines.append(f"- Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
                      f"({stale['speedup']:.2f}x).")
+        if profile:
+            lines.append(f"- Where one rank alone loses against 2x, op by op: section {profile}.")
     elif stale and _target_config(results):
         lines.append(f"- The speedup target is judged in section {target}, which has more rounds. This run measured "
                      f"{stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "
@@ -363,10 +365,12 @@ def render(out: Path, suite: str = "docs") -> str:
     suite_argv = SUITES[suite]
     speed = [k for k in records if suite_argv[k][0] == "bench" and "--component" not in suite_argv[k]]
     target = _target_section(records, speed)
-    sections += [_speed_section(key, records[key], target) for key in speed]
+    profiles = [k for k in records if suite_argv[k][0] == "profile"]
+    target_profile = next((k for k in profiles if _target_config([records[k]["results"]])), None)
+    sections += [_speed_section(key, records[key], target, target_profile) for key in speed]
     if speed:
         sections.append(_bytes_section(records[speed[0]]))
-    sections += [_profile_section(key, records[key]) for key in records if suite_argv[key][0] == "profile"]
+    sections += [_profile_section(key, records[key]) for key in profiles]
     for key, record in records.items():
         if suite_argv[key][0] == "fidelity":
             sections.append(_fidelity_section(key, record))

@@ -117,6 +117,20 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     assert (tmp_path / "benchmarks.md").read_text() == page
 
 
+def test_the_published_page_is_what_its_results_render(monkeypatch):
+    """docs/benchmarks.md is exactly `distrifx report --out docs --reuse` of the committed results: no hand
+    edits, and a change to the report's code that alters the page must come with the re-rendered page."""
+    from pathlib import Path
+
+    from distrifx.report import render
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)
+    page = render(Path("docs"))
+    assert page == (root / "docs" / "benchmarks.md").read_text()
+    assert "- Where one rank alone loses against 2x, op by op: section profile-sd15-half-64." in page
+
+
 def test_the_speed_target_is_judged_by_the_section_with_the_most_rounds():
     from distrifx.report import _target_section
 
