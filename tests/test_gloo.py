@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 import distrifx
 from tests import workers
@@ -21,6 +22,20 @@ def test_cfg_parallel_sync_equals_eager_on_every_gloo_rank():
     errors = distrifx.launch(workers.sync_vs_eager, 4, "sdxl", 2, 16, 16, True,
                              threads_per_rank=1, timeout_s=240, all_ranks=True)
     assert max(errors) < 1e-5
+
+
+def test_communicator_gathers_and_exchanges_halos_between_three_gloo_ranks():
+    """Three ranks, so a rank gathers from a peer that is not its neighbour; gathers overlap."""
+    results = distrifx.launch(workers.gathers_and_halos, 3, threads_per_rank=1, timeout_s=120, all_ranks=True)
+    for rank, (gathered, rows, sent) in enumerate(results):
+        expected = torch.stack([torch.cat([torch.full((2, 3), float(10 * i + r)) for r in range(3)], 1)
+                                for i in reversed(range(3))])
+        assert gathered == expected.tolist()
+        prev = 3.0 + 100 * (rank - 1) if rank > 0 else 0.0  # the last row of the patch above, or zero padding
+        nxt = 100.0 * (rank + 1) if rank < 2 else 0.0  # the first row of the patch below
+        assert rows == [prev, nxt]
+        halo_sent = 4 * ((rank > 0) + (rank < 2))
+        assert sent == 3 * 2 * 3 * 4 * 2 + halo_sent  # 3 gathers of 6 floats to 2 peers, plus halo rows
 
 
 def test_silent_peer_makes_the_other_rank_fail_within_the_timeout():

@@ -24,6 +24,23 @@ def sync_vs_eager(name: str, batch: int, height: int, width: int, cfg_parallel: 
     return float((got - expected).abs().max())
 
 
+def gathers_and_halos() -> tuple[list, list, int]:
+    """This rank's all-gathers (several at once, waited in reverse) and halo rows over gloo, and bytes sent.
+
+    Lists, not tensors: a tensor sent back through the launcher's queue lives in shared memory that
+    goes away with this process.
+    """
+    from distrifx.runtime.comm import ProcessGroupCommunicator
+
+    comm = ProcessGroupCommunicator(dist.group.WORLD, 60.0)
+    rank = dist.get_rank()
+    blocks = [torch.full((2, 3), float(10 * i + rank)) for i in range(3)]
+    works = [comm.all_gather(b, 1) for b in blocks]
+    gathered = torch.stack([w.wait() for w in reversed(works)])
+    rows = comm.neighbour_rows(torch.arange(4.0).reshape(4, 1) + 100 * rank, 0, 1, 1).wait()
+    return gathered.tolist(), rows.flatten().tolist(), comm.stats.bytes_sent
+
+
 def silent_peer(timeout_s: float) -> str:
     """Rank 1 stops calling the model; rank 0 must fail within the timeout, not hang."""
     unet = random_unet("sd15")

@@ -136,6 +136,9 @@ class ProcessGroupCommunicator(Communicator):
         self.group = group
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(self.world_size)]
         self._tag = 0
+        # gloo's all_gather takes two to three times the wall time and transport CPU of direct
+        # sends of the same bytes, CPU that CPU ranks take from their compute (docs/architecture.md).
+        self._gather_by_sends = dist.get_backend(group) == "gloo"
 
     def split(self, groups: list[list[int]]) -> Communicator:
         mine = None
@@ -160,6 +163,15 @@ class ProcessGroupCommunicator(Communicator):
                 raise CollectiveTimeoutError(f"rank {self.rank}: {what} timed out after {self.timeout_s:.0f}s")
 
     def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
+        if self._gather_by_sends:
+            peers = [r for r in range(self.world_size) if r != self.rank]
+            wait_peers = self._exchange({p: x for p in peers}, {p: torch.empty_like(x) for p in peers}, "all_gather")
+
+            def gathered() -> torch.Tensor:
+                parts = wait_peers()
+                return torch.cat([x if r == self.rank else parts[r] for r in range(self.world_size)], dim)
+
+            return gathered
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         work = dist.all_gather(parts, x, group=self.group, async_op=True)
 
@@ -170,7 +182,7 @@ class ProcessGroupCommunicator(Communicator):
         return finish
 
     def _exchange(
-        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], what: str = "halo exchange"
     ) -> Callable[[], dict[int, torch.Tensor]]:
         self._tag += 1
         ops = [dist.P2POp(dist.isend, t, self._global_ranks[p], self.group, self._tag) for p, t in sends.items()]
@@ -178,7 +190,7 @@ class ProcessGroupCommunicator(Communicator):
         works = dist.batch_isend_irecv(ops) if ops else []
 
         def finish() -> dict[int, torch.Tensor]:
-            self._wait(works, "halo exchange")
+            self._wait(works, what)
             return recvs
 
         return finish
