@@ -36,6 +36,8 @@ def _gpu_argv(latent: int) -> tuple[str, ...]:
             "--dtype", "float16", "--link-gbps", "250", "25")
 
 
+SEEDS = tuple(str(seed) for seed in range(8))  # the fidelity sections' seeds
+
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "docs": {
@@ -51,12 +53,13 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # Where the one-rank-alone bound of the target's configuration loses against 2x, op by op.
         "profile-sd15-half-64": ("profile", "--model", "sd15-half", "--latent", "64", "--world-size", "2", "--steps",
                                  "4"),
-        "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--seeds", "0", "1", "2",
+        # Eight seeds: a single image's PSNR varies by several dB from seed to seed.
+        "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--seeds", *SEEDS,
                      "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
-                        "sync", "--seeds", "0", "1", "2", "--size", "32", "--steps", "50"),
+                        "sync", "--seeds", *SEEDS, "--size", "32", "--steps", "50"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
         # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
         # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
@@ -277,12 +280,14 @@ def _profile_section(key: str, record: dict[str, Any]) -> str:
 
 
 def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
-    """Per world size: the default stale configuration and the best one against naive, and the target."""
-    from distrifx.fidelity import FidelityCase
+    """Per world size: the default stale configuration, the best one and the best fully asynchronous
+    one (corrected GroupNorm) against naive, paired by seed (the same prompt and initial noise), and
+    the target."""
+    from distrifx.fidelity import FidelityCase, psnr_by_seed
 
     def mean(label: str) -> float:
-        mine = [min(r["psnr_db"], 99.0) for r in rows if r["label"] == label]
-        return sum(mine) / len(mine)
+        values = psnr_by_seed(rows, label).values()
+        return sum(values) / len(values)
 
     out = []
     for world in sorted({r["world_size"] for r in rows}):
@@ -291,12 +296,20 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
         stale = sorted((label for label in labels if label != naive), key=mean)
         if naive not in labels or not stale:
             continue
-        for what, label in (("default", default), ("best", stale[-1])):
-            if label in labels and (what == "default" or label != default):
-                gap = mean(label) - mean(naive)
+        floor = psnr_by_seed(rows, naive)
+        corrected = [label for label in stale if label.endswith("GN corrected")]
+        picks = {default: "default", stale[-1]: "best"}
+        if corrected:  # without GN sync's blocking exchanges: every exchange overlaps compute
+            picks.setdefault(corrected[-1], "best fully asynchronous")
+        for label, what in picks.items():
+            if label in labels:
+                gaps = [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
+                gap = sum(gaps) / len(gaps)
+                reached = sum(g >= FIDELITY_TARGET_DB for g in gaps)
                 out.append(f"N={world}, {what} stale configuration ({label}): {mean(label):.1f} dB against naive "
-                           f"{mean(naive):.1f} dB, {gap:+.1f} dB; target +{FIDELITY_TARGET_DB:.0f} dB "
-                           f"{_verdict(gap >= FIDELITY_TARGET_DB)}.")
+                           f"{mean(naive):.1f} dB, {gap:+.1f} dB (per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
+                           f"+{FIDELITY_TARGET_DB:.0f} or more on {reached} of {len(gaps)} seeds); target "
+                           f"+{FIDELITY_TARGET_DB:.0f} dB on average {_verdict(gap >= FIDELITY_TARGET_DB)}.")
     return out
 
 

@@ -235,3 +235,42 @@ def test_projected_gpu_speedups_stand_beside_the_published_ones():
         "8 GPUs at 3840x3840 px over 250 GB/s: projected 5.50x; DistriFusion measured 6.1x on A100s."]
     measured = {k: v for k, v in row.items() if k != "link"}
     assert _published_comparison([measured, {**row, "case": {**row["case"], "height": 256}}]) == []
+
+
+def _fidelity_rows() -> list[dict]:
+    """Two seeds of N=2: naive, default stale and GN sync; one identical image (infinite PSNR)."""
+    psnr_db = {"N=2 naive": (10.0, 14.0), "N=2 stale, warm-up 4, GN corrected": (32.0, 30.0),
+               "N=2 stale, warm-up 4, GN sync": (float("inf"), 36.0)}
+    return [{"label": label, "world_size": 2, "seed": seed, "psnr_db": values[seed], "ssim": 0.5 + 0.25 * seed}
+            for label, values in psnr_db.items() for seed in (0, 1)]
+
+
+def test_fidelity_table_gives_mean_and_spread_over_seeds():
+    from distrifx.fidelity import fidelity_table
+
+    lines = fidelity_table(_fidelity_rows()).splitlines()
+    assert lines[2] == "| N=2 naive | 12.0 [10.0, 14.0] | 0.625 | 2 |"
+    assert lines[4] == "| N=2 stale, warm-up 4, GN sync | 67.5 [36.0, 99.0] | 0.625 | 2 |"  # identical: 99 dB
+
+
+def test_fidelity_findings_pair_each_seed_with_its_naive_image():
+    from distrifx.report import _fidelity_findings
+
+    default, best = _fidelity_findings(_fidelity_rows())
+    assert default.startswith("N=2, default stale configuration (N=2 stale, warm-up 4, GN corrected): 31.0 dB "
+                              "against naive 12.0 dB, +19.0 dB (per seed +16.0 to +22.0; +20 or more on 1 of 2 seeds)")
+    assert default.endswith("**not met**.")
+    assert "(N=2 stale, warm-up 4, GN sync)" in best and "per seed +22.0 to +89.0" in best
+    assert best.endswith("**met**.")
+
+
+def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
+    from distrifx.report import _fidelity_findings
+
+    longer = [{"label": "N=2 stale, warm-up 8, GN corrected", "world_size": 2, "seed": seed, "psnr_db": 34.0,
+               "ssim": 0.9} for seed in (0, 1)]
+    findings = _fidelity_findings(_fidelity_rows() + longer)
+    assert [f.split(" (N=2")[0] for f in findings] == [
+        "N=2, default stale configuration", "N=2, best stale configuration",
+        "N=2, best fully asynchronous stale configuration"]
+    assert "(N=2 stale, warm-up 8, GN corrected): 34.0 dB against naive 12.0 dB, +22.0 dB" in findings[2]
