@@ -274,3 +274,21 @@ def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
         "N=2, default stale configuration", "N=2, best stale configuration",
         "N=2, best fully asynchronous stale configuration"]
     assert "(N=2 stale, warm-up 8, GN corrected): 34.0 dB against naive 12.0 dB, +22.0 dB" in findings[2]
+
+
+@pytest.mark.parametrize("together_s,expected", [(2.6, "+4% over one rank alone: the two processes share two cores"),
+                                                 (2.4, "-4% over one rank alone: no cost of sharing the cores")])
+def test_where_the_rest_goes_explains_a_slowdown_only_when_there_is_one(together_s, expected):
+    from distrifx.report import _speed_findings
+
+    def result(mode, world, step_s, projected=False, transport=True):
+        case = {"mode": mode, "world_size": world, "projected": projected, "transport": transport,
+                "gn_variant": "corrected", "threads": 1, "height": 64}
+        return {"case": case, "label": f"m 64x64 b1 N={world} {mode}", "step_s": step_s, "compute_s": step_s,
+                "step_range_s": [step_s, step_s], "exposed_comm_s": 0.0, "exposed_comm_frac": 0.0,
+                "bytes_sent_per_step": 0, "speedup": 5.0 / step_s}
+
+    results = [result("eager", 1, 5.0), result("stale", 2, 2.7), result("stale", 2, 2.5, projected=True),
+               result("stale", 2, together_s, transport=False)]
+    (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("Where the rest goes")]
+    assert expected in finding
