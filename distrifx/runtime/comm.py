@@ -318,7 +318,9 @@ def check_same_inputs(comm: Communicator, flat: Sequence[Any], names: Callable[[
     tensors = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
     if comm.world_size == 1 or not tensors:
         return
-    mine = torch.stack([torch.stack([flat[i].double().sum(), flat[i].double().abs().sum()]) for i in tensors])
+    device = flat[tensors[0]].device  # a CPU timestep may come with GPU latents, as the unmodified model allows
+    mine = torch.stack([torch.stack([flat[i].double().sum(), flat[i].double().abs().sum()]).to(device)
+                        for i in tensors])
     everyone = comm.all_gather(mine.unsqueeze(0), 0).wait()
     differs = (everyone != everyone[0]).flatten(2).any(-1).any(0)
     if differs.any():
