@@ -24,10 +24,13 @@ from distrifx.errors import ConfigError
 __all__ = ["op_key", "compare", "profile_case", "breakdown_table", "breakdown_findings", "excess_by_width"]
 
 
+WIDTH = " @ width "  # between a convolution's name and its input's width in an op key
+
+
 def op_key(name: str, shapes: list) -> str:
     """``name``; a convolution's with its input's width (patches split rows, so the width names the level)."""
     if "conv" in name and shapes and len(shapes[0]) == 4:
-        return f"{name} @ width {shapes[0][-1]}"
+        return f"{name}{WIDTH}{shapes[0][-1]}"
     return name
 
 
@@ -87,8 +90,8 @@ def excess_by_width(result: dict[str, Any]) -> dict[int, tuple[float, float]]:
     """Per convolution input width: the rank's seconds and its ideal share, summed over ops keyed by it."""
     out: dict[int, tuple[float, float]] = {}
     for row in result["rows"]:
-        if " @ width " in row["op"]:
-            width = int(row["op"].rsplit(" ", 1)[1])
+        if WIDTH in row["op"]:
+            width = int(row["op"].rsplit(WIDTH, 1)[1])
             rank, ideal = out.get(width, (0.0, 0.0))
             out[width] = (rank + row["rank_s"], ideal + row["ideal_s"])
     return dict(sorted(out.items(), reverse=True))
@@ -97,9 +100,9 @@ def excess_by_width(result: dict[str, Any]) -> dict[int, tuple[float, float]]:
 def breakdown_table(result: dict[str, Any], top: int = 12) -> str:
     """Markdown: the ``top`` ops furthest from their ideal share (either way), the rest summed, and the totals."""
     n = result["case"]["world_size"]
-    shown = sorted(result["rows"], key=lambda r: -abs(r["excess_s"]))[:top]
-    rows = [r for r in result["rows"] if r in shown]
-    rest = [r for r in result["rows"] if r not in shown]
+    shown = {r["op"] for r in sorted(result["rows"], key=lambda r: -abs(r["excess_s"]))[:top]}
+    rows = [r for r in result["rows"] if r["op"] in shown]
+    rest = [r for r in result["rows"] if r["op"] not in shown]
     lines = [f"| op (convolutions: @ input width) | unmodified (ms) | ideal: unmodified / {n} (ms) | one rank (ms) | "
              "excess (ms) |", "|---|---|---|---|---|"]
     ms = lambda s: f"{1e3 * s:.1f}"  # noqa: E731

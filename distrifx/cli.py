@@ -307,14 +307,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_outputs(out: Path, command: str, results: Any, table: str, extra: str = "") -> None:
+    """Write ``results.json`` (with the machine and command) and ``results.md`` (the command, ``table``,
+    ``extra``); print the table."""
+    from distrifx.bench import write_json
+
+    write_json(out, command, results)
+    (out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n{extra}")
+    print(table)
+
+
 def _run_vae_bench(args: argparse.Namespace, command: str) -> int:
-    from distrifx.bench import run_vae_memory, vae_memory_table, write_json
+    from distrifx.bench import run_vae_memory, vae_memory_table
 
     rows = run_vae_memory(args.latent[0], sorted({1, *args.world_sizes}))
-    write_json(args.out, command, rows)
-    table = vae_memory_table(rows)
-    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n")
-    print(table)
+    _write_outputs(args.out, command, rows, vae_memory_table(rows))
     return 0
 
 
@@ -377,7 +384,6 @@ def _run_compile(args: argparse.Namespace) -> int:
 
 
 def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
-    from distrifx.bench import write_json
     from distrifx.default_model import load_default_pipeline
     from distrifx.fidelity import FidelityCase, fidelity_figure, fidelity_table, run_fidelity
 
@@ -387,27 +393,20 @@ def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [FidelityCase(n, "stale", max(args.warmups), v) for v in args.gn_variants if v != "corrected"]
         cases.append(FidelityCase(n, "naive"))
     rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
-    write_json(args.out, "distrifx " + " ".join(argv), rows)
-    table = fidelity_table(rows)
+    _write_outputs(args.out, "distrifx " + " ".join(argv), rows, fidelity_table(rows), "\n![images](images.png)\n")
     fidelity_figure({k: v for k, v in images.items() if "GN" not in k or "corrected" in k}, rows, args.out / "images.png")
-    (args.out / "results.md").write_text(f"Command: `distrifx {' '.join(argv)}`\n\n{table}\n\n![images](images.png)\n")
-    print(table)
     return 0
 
 
 def _run_profile(args: argparse.Namespace, argv: list[str]) -> int:
-    from distrifx.bench import BenchCase, write_json
+    from distrifx.bench import BenchCase
     from distrifx.breakdown import breakdown_table, profile_case
 
     case = BenchCase(model=args.model, height=args.latent, width=args.latent, batch=args.batch,
                      world_size=args.world_size, mode=args.mode, warmup_steps=args.warmup_steps,
                      gn_variant=args.gn_variant, threads=args.threads)
     result = profile_case(case, args.steps)
-    command = "distrifx " + " ".join(argv)
-    write_json(args.out, command, result)
-    table = breakdown_table(result)
-    (args.out / "results.md").write_text(f"Command: `{command}`\n\n{table}\n")
-    print(table)
+    _write_outputs(args.out, "distrifx " + " ".join(argv), result, breakdown_table(result))
     print(f"distrifx: wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return 0
 
