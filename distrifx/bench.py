@@ -33,6 +33,7 @@ __all__ = ["BenchCase", "Link", "projected_step", "build_case", "measure_case", 
            "vae_memory_table"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BACKENDS = ("eager", "inductor")  # what bench can run: the baseline is compiled with the same torch.compile backend
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class BenchCase:
     bind_cores: bool = True  # each rank on its own cores when they fit (distrifx.launch.rank_cores)
     device: str = "cpu"  # "cuda": eager and projected cases only, on one GPU
     dtype: str = "float32"  # a key of DTYPES
+    backend: str = "eager"  # one of BACKENDS: runs the rank graphs, and compiles the baseline alike
 
     def __post_init__(self) -> None:
         if self.device == "cuda" and not (self.mode == "eager" or self.projected):
@@ -63,12 +65,23 @@ class BenchCase:
                 "(examples/generate_torchrun.py)")
         if self.dtype not in DTYPES:
             raise ConfigError(f"bench case {self.label!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"bench case {self.label!r}: backend {self.backend!r} is not one of {BACKENDS}")
 
     @property
     def label(self) -> str:
         kind = " (one rank timed alone)" if self.projected else "" if self.transport else " (no transport)"
         gn = f" GN {self.gn_variant}" if self.mode == "stale" and self.gn_variant != "corrected" else ""
-        return f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} {self.mode}{gn}{kind}"
+        backend = f" [{self.backend}]" if self.backend != "eager" else ""
+        return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
+                f"{self.mode}{gn}{backend}{kind}")
+
+    @property
+    def first_steady_step(self) -> int:
+        """The first step timed: after the first call (stale: after warm-up); a compiled backend
+        compiles each phase's graph on its first call, so that call is skipped too."""
+        first = max(1, self.warmup_steps) if self.mode == "stale" else 1
+        return first + 1 if self.backend != "eager" and self.mode == "stale" else first
 
 
 @dataclass(frozen=True)
@@ -155,9 +168,11 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
     elif not case.transport:
         group = TimingCommunicator(dist.get_rank(), case.world_size, 60.0)
     if case.mode == "eager":
-        return unet, None, sample, kwargs, timesteps
+        model = unet if case.backend == "eager" else torch.compile(unet, backend=case.backend, dynamic=False)
+        return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
-                                  gn_variant=case.gn_variant, cfg_parallel=False, process_group=group)
+                                  gn_variant=case.gn_variant, cfg_parallel=False, backend=case.backend,
+                                  process_group=group)
     return pmodel, pmodel, sample, kwargs, timesteps
 
 
@@ -201,7 +216,7 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
 def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Median over the steady steps of every round (after the first call and, in stale mode, after
     warm-up); ``rounds`` holds each round's per-rank measurements."""
-    first_steady = max(1, case.warmup_steps if case.mode == "stale" else 1)
+    first_steady = case.first_steady_step
     per_rank = []
     for rank_rounds in zip(*rounds):
         steady = [s for r in rank_rounds for s in (r["steps"][first_steady:] or r["steps"][-1:])]
@@ -274,12 +289,16 @@ def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True,
                 bar.update()
     results = [_summarize(case, runs) for case, runs in zip(cases, measured)]
     results += [_projection(r, link) for link in links for r in results if r["case"]["projected"]]
-    baselines = {(r["case"]["model"], r["case"]["height"], r["case"]["width"], r["case"]["batch"]): r["step_s"]
-                 for r in results if r["case"]["mode"] == "eager"}
+    baselines = {_baseline_key(r["case"]): r["step_s"] for r in results if r["case"]["mode"] == "eager"}
     for r in results:
-        key = (r["case"]["model"], r["case"]["height"], r["case"]["width"], r["case"]["batch"])
+        key = _baseline_key(r["case"])
         r["speedup"] = baselines[key] / r["step_s"] if key in baselines else None
     return results
+
+
+def _baseline_key(case: dict[str, Any]) -> tuple:
+    """What a configuration is compared with: the unmodified model on the same input, run by the same backend."""
+    return case["model"], case["height"], case["width"], case["batch"], case.get("backend", "eager")
 
 
 def machine_description() -> str:

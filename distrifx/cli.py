@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from distrifx.bench import DTYPES
+from distrifx.bench import BACKENDS, DTYPES
 from distrifx.config import GNVariant, Mode
 from distrifx.models import UNET_CONFIGS
 
@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu (default) or cuda: on a GPU only the eager baseline and --project run")
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32",
                        help="model and input dtype (default float32)")
+    bench.add_argument("--backend", choices=list(BACKENDS), default="eager",
+                       help="what runs each rank's graphs (default eager); the baseline is compiled with the same "
+                            "torch.compile backend, and each phase's first (compiling) call is not timed")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
 
     comp = sub.add_parser("compile", help="export every rank's program offline (pt2, onnx or tensorrt)",
@@ -339,7 +342,7 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     for model, latent in itertools.product(args.model, args.latent):
         common = dict(model=model, height=latent, width=latent, batch=args.batch, steps=args.steps,
                       warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
-                      device=args.device, dtype=args.dtype)
+                      device=args.device, dtype=args.dtype, backend=args.backend)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
         variants = [dict(mode=m, gn_variant=g) for m in args.modes
                     for g in (args.gn_variants if m == "stale" else ["corrected"])]

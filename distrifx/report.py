@@ -60,10 +60,17 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
                         "sync", "--seeds", *SEEDS, "--size", "32", "--steps", "50"),
+        # Twice the trained size: patches of 32 and 16 rows, nearer DistriFusion's 1024-pixel SDXL patches
+        # (a 128-row latent) than the 16 and 8 rows at 32x32.
+        "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected", "sync",
+                        "--seeds", *SEEDS, "--size", "64", "--steps", "20"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
         # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
         # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
         **{f"gpu-sdxl-{pixels}": _gpu_argv(latent) for pixels, latent in ((1024, 128), (2048, 256), (3840, 480))},
+        # 1024 px again with the model and the ranks compiled alike: the eager rank graph is bound by Python
+        # dispatch there. Not run yet; compiling every segment of full SDXL may take several minutes.
+        "gpu-sdxl-1024-inductor": (*_gpu_argv(128), "--backend", "inductor"),
     },
     # A minute on two cores: every section's code path, for the tests.
     "tiny": {
@@ -130,7 +137,16 @@ def _model_line(results: list[dict[str, Any]]) -> str:
             f"random weights), batch {case['batch']}, {case['height']}x{case['width']} latent, 77 text tokens, "
             f"{case['steps']} denoising steps; median step after the first call (stale: after its "
             f"{case['warmup_steps']} warm-up steps) over {_rounds(results)} round(s) through all "
-            f"configurations, slowest rank; " + _where(case))
+            f"configurations, slowest rank; " + _where(case) + _compiled(case))
+
+
+def _compiled(case: dict[str, Any]) -> str:
+    backend = case.get("backend", "eager")
+    if backend == "eager":
+        return ""
+    return (f" Compiled with `{backend}`: the baseline is `torch.compile(unet, backend={backend!r})`, each rank's "
+            f"graphs run with `backend={backend!r}` (compiled segments between collectives); the first call of each "
+            "phase compiles and is not timed.")
 
 
 def _where(case: dict[str, Any]) -> str:
@@ -317,12 +333,18 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _fidelity_section(key: str, record: dict[str, Any]) -> str:
+    from distrifx.default_model import UNET_CONFIG
+
     rows = record["results"]
-    lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps", "",
+    size, trained = rows[0]["size"], UNET_CONFIG["sample_size"]
+    patches = " and ".join(f"{size // n} rows at N={n}" for n in sorted({r["world_size"] for r in rows}))
+    beyond = (f" It was trained at {trained}x{trained}; at {size}x{size} it draws several shapes, a real "
+              "trajectory of the same network." if size != trained else "")
+    lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps, {size}x{size} pixels", "",
              f"The default model (`distrifx/assets/default_model`, trained here on procedural shapes) at "
-             f"{rows[0]['size']}x{rows[0]['size']} pixels; PSNR/SSIM (torchmetrics) of each configuration's image "
-             "against the single-device image of the same seed and prompt. Ranks are simulated in one process (the "
-             "arithmetic is the one real ranks do).", "",
+             f"{size}x{size} pixels, patches of {patches}.{beyond} PSNR/SSIM (torchmetrics) of each configuration's "
+             "image against the single-device image of the same seed and prompt. Ranks are simulated in one process "
+             "(the arithmetic is the one real ranks do).", "",
              f"```bash\n{record['command']}\n```", "", fidelity_table(rows), "", f"![fidelity](bench/{key}/images.png)",
              ""]
     lines += [f"- {finding}" for finding in _fidelity_findings(rows)]

@@ -104,7 +104,8 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
                      "two stale ranks run together with collectives that return at once", "of CPU per step with gloo",
                      "Rows marked *projected* are projections", "## Bytes per step, by exchange", "| kv | 8 |",
-                     "## Fidelity on the trained default model: 3 DDIM steps", "at 32x32 pixels",
+                     "## Fidelity on the trained default model: 3 DDIM steps, 32x32 pixels",
+                     "patches of 16 rows at N=2.",
                      "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
@@ -206,6 +207,30 @@ def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
         BenchCase(dtype="half")
 
 
+def test_a_compiled_bench_compiles_the_baseline_and_the_ranks_alike_and_skips_compiling_calls():
+    from dataclasses import asdict, replace
+
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    from distrifx.backends import is_segment
+    from distrifx.bench import _baseline_key, build_case
+
+    case = BenchCase(model="sd15", height=16, width=16, steps=3, warmup_steps=1, projected=True, backend="inductor")
+    _, pmodel, sample, kwargs, timesteps = build_case(case)
+    graph = pmodel.program(sample, timesteps[0], **kwargs).graphs["stale"]  # lazy: nothing compiles until called
+    segments = [graph.get_submodule(str(n.target)) for n in graph.graph.nodes if is_segment(n)]
+    assert segments and all(isinstance(s, OptimizedModule) for s in segments)
+    baseline = replace(case, mode="eager", world_size=1, projected=False)
+    assert isinstance(build_case(baseline)[0], OptimizedModule)
+    key = asdict(baseline)
+    assert _baseline_key(key) != _baseline_key({**key, "backend": "eager"})  # compared with the compiled model
+    assert case.label == "sd15 16x16 b1 N=2 stale [inductor] (one rank timed alone)"
+    assert (case.first_steady_step, replace(case, backend="eager").first_steady_step) == (2, 1)
+    assert (baseline.first_steady_step, replace(case, mode="sync").first_steady_step) == (1, 1)
+    with pytest.raises(ConfigError, match="backend 'tensorrt' is not one of"):
+        BenchCase(backend="tensorrt")
+
+
 def test_bench_refuses_cuda_without_a_gpu_and_links_without_projections(monkeypatch):
     from distrifx.cli import main
 
@@ -223,7 +248,8 @@ def test_gpu_sections_are_skipped_without_a_gpu_and_the_page_says_how_to_run_the
     run_suite(tmp_path, "docs", sections=["gpu-sdxl-1024"])
     assert "skipped section gpu-sdxl-1024: it needs a GPU" in capsys.readouterr().out
     assert not (tmp_path / "bench").exists()
-    assert "--sections gpu-sdxl-1024 gpu-sdxl-2048 gpu-sdxl-3840` times full SDXL" in _gpu_section({}, "docs")
+    sections = "gpu-sdxl-1024 gpu-sdxl-2048 gpu-sdxl-3840 gpu-sdxl-1024-inductor"
+    assert f"--sections {sections}` times full SDXL" in _gpu_section({}, "docs")
 
 
 def test_projected_gpu_speedups_stand_beside_the_published_ones():
@@ -274,6 +300,18 @@ def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
         "N=2, default stale configuration", "N=2, best stale configuration",
         "N=2, best fully asynchronous stale configuration"]
     assert "(N=2 stale, warm-up 8, GN corrected): 34.0 dB against naive 12.0 dB, +22.0 dB" in findings[2]
+
+
+def test_fidelity_sections_name_the_size_and_the_patch_rows():
+    from distrifx.report import _fidelity_section
+
+    rows = [{**row, "size": size, "steps": 20} for size in (32, 64) for row in _fidelity_rows()]
+    trained, larger = (_fidelity_section("f", {"command": "distrifx fidelity", "results": [r for r in rows
+                                                                                          if r["size"] == s]})
+                       for s in (32, 64))
+    assert trained.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels")
+    assert "patches of 16 rows at N=2." in trained and "It was trained at" not in trained
+    assert "64x64 pixels, patches of 32 rows at N=2. It was trained at 32x32; at 64x64 it draws several" in larger
 
 
 @pytest.mark.parametrize("together_s,expected", [(2.6, "+4% over one rank alone: the two processes share two cores"),
