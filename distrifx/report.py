@@ -338,8 +338,9 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
     rows = record["results"]
     size, trained = rows[0]["size"], UNET_CONFIG["sample_size"]
     patches = " and ".join(f"{size // n} rows at N={n}" for n in sorted({r["world_size"] for r in rows}))
-    beyond = (f" It was trained at {trained}x{trained}; at {size}x{size} it draws several shapes, a real "
-              "trajectory of the same network." if size != trained else "")
+    beyond = (f" It was trained at {trained}x{trained}: at {size}x{size} its images leave the training "
+              "distribution (see the figure) but remain a real denoising trajectory of the same network."
+              if size != trained else "")
     lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps, {size}x{size} pixels", "",
              f"The default model (`distrifx/assets/default_model`, trained here on procedural shapes) at "
              f"{size}x{size} pixels, patches of {patches}.{beyond} PSNR/SSIM (torchmetrics) of each configuration's "

@@ -311,7 +311,7 @@ def test_fidelity_sections_name_the_size_and_the_patch_rows():
                        for s in (32, 64))
     assert trained.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels")
     assert "patches of 16 rows at N=2." in trained and "It was trained at" not in trained
-    assert "64x64 pixels, patches of 32 rows at N=2. It was trained at 32x32; at 64x64 it draws several" in larger
+    assert "64x64 pixels, patches of 32 rows at N=2. It was trained at 32x32: at 64x64 its images leave" in larger
 
 
 @pytest.mark.parametrize("together_s,expected", [(2.6, "+4% over one rank alone: the two processes share two cores"),
