@@ -80,8 +80,9 @@ class BenchCase:
     def first_steady_step(self) -> int:
         """The first step timed: after the first call (stale: after warm-up); a compiled backend
         compiles each phase's graph on its first call, so that call is skipped too."""
-        first = max(1, self.warmup_steps) if self.mode == "stale" else 1
-        return first + 1 if self.backend != "eager" and self.mode == "stale" else first
+        if self.mode != "stale":
+            return 1
+        return max(1, self.warmup_steps) + (self.backend != "eager")
 
 
 @dataclass(frozen=True)

@@ -305,10 +305,11 @@ def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
 def test_fidelity_sections_name_the_size_and_the_patch_rows():
     from distrifx.report import _fidelity_section
 
-    rows = [{**row, "size": size, "steps": 20} for size in (32, 64) for row in _fidelity_rows()]
-    trained, larger = (_fidelity_section("f", {"command": "distrifx fidelity", "results": [r for r in rows
-                                                                                          if r["size"] == s]})
-                       for s in (32, 64))
+    def section(size: int) -> str:
+        rows = [{**row, "size": size, "steps": 20} for row in _fidelity_rows()]
+        return _fidelity_section("f", {"command": "distrifx fidelity", "results": rows})
+
+    trained, larger = section(32), section(64)
     assert trained.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels")
     assert "patches of 16 rows at N=2." in trained and "It was trained at" not in trained
     assert "64x64 pixels, patches of 32 rows at N=2. It was trained at 32x32: at 64x64 its images leave" in larger

@@ -35,8 +35,8 @@ def test_cuda_ranks_match_the_model(mode, backend):
     args, kwargs = tree_map(lambda x: x.cuda() if isinstance(x, torch.Tensor) else x, (args, kwargs))
     with torch.no_grad():
         expected = unet(*args, **kwargs).sample
-    outs = distrifx.simulate(
-        lambda g: distrifx.parallelize(unet, 2, mode=mode, backend=backend, process_group=g)(*args, **kwargs).sample, 2)
+    outs = distrifx.simulate(lambda g: distrifx.parallelize(unet, 2, mode=mode, backend=backend,
+                                                            process_group=g)(*args, **kwargs).sample, 2)
     assert all(o.is_cuda for o in outs)
     assert max_rank_error(outs, expected) < 1e-4
 
