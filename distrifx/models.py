@@ -128,18 +128,19 @@ def unet_inputs(
     return (sample, torch.tensor(500)), kwargs
 
 
-def _tiny_tokenizer(directory: Path) -> Any:
-    """A character-level CLIP tokenizer written to ``directory`` (vocab.json + merges.txt)."""
+def _tiny_tokenizer() -> Any:
+    """A character-level CLIP tokenizer, read from vocab.json + merges.txt in a directory removed after."""
     from transformers import CLIPTokenizer
 
-    directory.mkdir(parents=True, exist_ok=True)
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     for c in string.ascii_lowercase + string.digits + ".,!?-'":
         vocab.setdefault(c, len(vocab))
         vocab.setdefault(c + "</w>", len(vocab))
-    (directory / "vocab.json").write_text(json.dumps(vocab))
-    (directory / "merges.txt").write_text("#version: 0.2\n")
-    return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
+    with tempfile.TemporaryDirectory(prefix="distrifx-tokenizer-") as tmp:
+        directory = Path(tmp)
+        (directory / "vocab.json").write_text(json.dumps(vocab))
+        (directory / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"), model_max_length=16)
 
 
 def _tiny_text_encoder(hidden: int, seed: int, projection: bool = False) -> Any:
@@ -166,8 +167,7 @@ def _tiny_vae(seed: int, **overrides: Any) -> Any:
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
     """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights.
 
-    ``scheduler`` is "ddim", "euler" or "dpm" (SD3 always uses its flow-matching scheduler). The tokenizer files live in a temporary directory
-    until the pipeline is saved with ``save_pretrained``.
+    ``scheduler`` is "ddim", "euler" or "dpm" (SD3 always uses its flow-matching scheduler).
     """
     import diffusers
 
@@ -176,28 +176,27 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
         "euler": diffusers.EulerDiscreteScheduler,
         "dpm": diffusers.DPMSolverMultistepScheduler,
     }
-    tmp = Path(tempfile.mkdtemp(prefix="distrifx-tokenizer-"))
     if kind != "sd3":
         sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",
                                       beta_start=0.00085, beta_end=0.012)
     if kind == "sd15":
         return diffusers.StableDiffusionPipeline(
-            vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(32, seed), tokenizer=_tiny_tokenizer(tmp),
+            vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(32, seed), tokenizer=_tiny_tokenizer(),
             unet=random_unet("sd15", seed), scheduler=sched, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
     if kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
-            vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(16, seed), tokenizer=_tiny_tokenizer(tmp / "1"),
-            text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True), tokenizer_2=_tiny_tokenizer(tmp / "2"),
+            vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(16, seed), tokenizer=_tiny_tokenizer(),
+            text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True), tokenizer_2=_tiny_tokenizer(),
             unet=random_unet("sdxl", seed, projection_class_embeddings_input_dim=16 + 6 * 8), scheduler=sched,
         )
     if kind == "sd3":  # no T5: the pipeline pads the CLIP embeddings with zeros
         return diffusers.StableDiffusion3Pipeline(
             transformer=random_transformer("sd3", seed), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
             vae=_tiny_vae(seed, shift_factor=0.0), text_encoder=_tiny_text_encoder(16, seed, projection=True),
-            tokenizer=_tiny_tokenizer(tmp / "1"), text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True),
-            tokenizer_2=_tiny_tokenizer(tmp / "2"), text_encoder_3=None, tokenizer_3=None,
+            tokenizer=_tiny_tokenizer(), text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True),
+            tokenizer_2=_tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None,
         )
     raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl' or 'sd3'")
 

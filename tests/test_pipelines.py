@@ -24,6 +24,19 @@ def saved(tmp_path_factory):
     return paths
 
 
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
+def test_a_tiny_pipeline_leaves_no_files_behind_and_keeps_its_tokenizer(kind, tmp_path, monkeypatch):
+    import tempfile
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    pipe = tiny_pipeline(kind)
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("distrifx")] == []
+    pipe.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    assert pipe.tokenizer("a cat").input_ids == type(pipe.tokenizer).from_pretrained(tmp_path / "tokenizer")("a cat").input_ids
+
+
 def _load(path, img2img=False):
     import diffusers
 
