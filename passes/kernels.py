@@ -27,25 +27,20 @@ def group_stats(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
     """
     batch, channels = x.shape[:2]
     _, mean, rstd = torch.ops.aten.native_group_norm(x.float().contiguous(), None, None, batch, channels,
-                                                      x[0, 0].numel(), groups, eps)
-    return torch.stack([mean, rstd.square().reciprocal() - eps], -1).unsqueeze(0)
+                                                      x.numel() // (batch * channels), groups, eps)
+    return torch.stack([mean, rstd.pow(-2) - eps], -1).unsqueeze(0)
 
 
 def combine_group_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Global mean and biased variance from N equal-sized patches' (N, B, G, 2) stats.
 
-    Chan's parallel formula: var = mean_k(var_k) + mean_k((mean_k - mean)^2). It equals
+    Chan's parallel formula: var = mean_k(var_k + (mean_k - mean)^2). It equals
     E[x^2] - E[x]^2 exactly in real arithmetic, but never goes negative and loses no precision
     when the mean is large.
     """
-    means = stats[..., 0]
+    means, variances = stats.unbind(-1)
     mean = means.mean(0)
-    return mean, stats[..., 1].mean(0) + (means - mean).square().mean(0)
-
-
-def _moments(stats: torch.Tensor) -> torch.Tensor:
-    """[mean, var] -> [E[x], E[x^2]] along the last dim."""
-    return torch.stack([stats[..., 0], stats[..., 1] + stats[..., 0].square()], -1)
+    return mean, (variances + (means - mean).square()).mean(0)
 
 
 def corrected_group_stats(
@@ -58,10 +53,11 @@ def corrected_group_stats(
     full = sum_k B_k / N + (s - B_rank); var = full_2 - full_1^2, falling back to the local
     variance where that is negative. No Bessel factor: GroupNorm's variance is biased.
     """
-    full = _moments(stale).mean(0) + _moments(fresh)[0] - _moments(stale.narrow(0, rank, 1))[0]
-    mean = full[..., 0]
-    var = full[..., 1] - mean.square()
-    return mean, torch.where(var < 0, fresh[0, ..., 1], var)
+    means, variances = torch.cat([stale, fresh]).unbind(-1)
+    moments = torch.stack([means, variances + means.square()], -1)  # [B_0 .. B_N-1, s]
+    mean, second = (moments[:-1].mean(0) + moments[-1] - moments[rank]).unbind(-1)
+    var = second - mean.square()
+    return mean, torch.where(var < 0, variances[-1], var)
 
 
 def group_norm_apply(
@@ -77,20 +73,20 @@ def group_norm_apply(
 ) -> torch.Tensor:
     """GroupNorm of ``x`` (ndim dims: B, C, spatial...) with given (B, G) statistics and affine.
 
-    Folds statistics and affine into one per-channel scale and shift, so the activation is read
-    once (``x * scale + shift``) instead of once per elementwise step.
+    Folds statistics and affine into one per-channel scale and shift, computed per (batch,
+    group, channel in group), so the activation is read once (``x * scale + shift``) and the
+    small tensors take a handful of ops.
     """
     per_group = channels // groups
-    rstd = torch.rsqrt(var + eps)
-    scale = rstd.unsqueeze(-1).expand(-1, -1, per_group).flatten(1)  # (B, C)
-    shift = -(mean.unsqueeze(-1).expand(-1, -1, per_group).flatten(1)) * scale
+    scale = torch.rsqrt(var + eps).unsqueeze(-1)  # (B, G, 1)
     if weight is not None:
-        scale = scale * weight
-        shift = shift * weight
-    if bias is not None:
-        shift = shift + bias
-    spatial = (...,) + (None,) * (ndim - 2)
-    return torch.addcmul(shift[spatial].to(x.dtype), x, scale[spatial].to(x.dtype))
+        scale = scale * weight.view(groups, per_group)
+    shift = -mean.unsqueeze(-1) * scale if bias is None else torch.addcmul(
+        bias.view(groups, per_group), mean.unsqueeze(-1), scale, value=-1)
+    batch = x.shape[0]
+    shape = (batch, channels) + (1,) * (ndim - 2)
+    return torch.addcmul(shift.expand(batch, groups, per_group).reshape(shape).to(x.dtype), x,
+                         scale.expand(batch, groups, per_group).reshape(shape).to(x.dtype))
 
 
 def splice_own(

@@ -99,6 +99,7 @@ def test_report_runs_every_section_end_to_end(tmp_path):
               if " @ width " in r["op"] and r["eager_s"] > 0 and r["rank_s"] > 0}
     assert {"16", "8"} <= levels  # the same convolutions found in both graphs, by level
     assert profile["rank_s"] == pytest.approx(sum(r["rank_s"] for r in profile["rows"])) and profile["rank_s"] > 0
+    assert profile["rank_ops"] > profile["eager_ops"] > 100  # the rank adds exchanges and GroupNorm arithmetic
 
     page = (tmp_path / "benchmarks.md").read_text()
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
@@ -108,6 +109,7 @@ def test_report_runs_every_section_end_to_end(tmp_path):
                      "patches of 16 rows at N=2.",
                      "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
+                     "aten ops per step against the unmodified model's",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
                      f"--steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
         assert expected in page, expected

@@ -23,7 +23,7 @@ def _result(world_size: int = 2) -> dict:
     eager = {"conv @ width 16": 4.0, "conv @ width 8": 2.0, "addmm": 2.0}
     rank = {"conv @ width 16": 2.25, "conv @ width 8": 1.5, "addmm": 0.75, "cat": 0.5}
     return {"case": {"world_size": world_size}, "eager_s": sum(eager.values()), "rank_s": sum(rank.values()),
-            "rows": compare(eager, rank, world_size)}
+            "eager_ops": 400, "rank_ops": 1000, "rows": compare(eager, rank, world_size)}
 
 
 def test_compare_sets_each_op_against_its_share_largest_excess_first():
@@ -48,12 +48,13 @@ def test_table_shows_the_ops_furthest_from_their_share_and_sums_the_rest():
     assert table[5] == "| **step** | 8000.0 | 4000.0 | 5000.0 | +1000.0 |"
 
 
-def test_findings_give_the_bound_the_levels_and_the_rank_only_ops():
+def test_findings_give_the_bound_the_levels_the_op_counts_and_the_rank_only_ops():
     findings = breakdown_findings(_result())
     assert findings[0].startswith("Under the profiler one rank's step takes 5.000 s against an ideal 4.000 s")
     assert "+25%, a 1.60x bound" in findings[0]
     assert "width 16: 2250 ms against 2000 ms (+12%); width 8: 1500 ms against 1000 ms (+50%)" in findings[1]
-    assert "500 ms in 1 op kinds" in findings[2]
+    assert findings[2].startswith("One rank dispatches 1000 aten ops per step against the unmodified model's 400 (2.5x;")
+    assert "500 ms in 1 op kinds" in findings[3]
 
 
 @pytest.mark.parametrize("case", [BenchCase(mode="eager", world_size=1), BenchCase(device="cuda", projected=True)])

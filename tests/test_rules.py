@@ -192,3 +192,46 @@ def test_exchanging_hidden_states_halves_attention_traffic():
             for kvx in ("kv", "hidden")}
     kv_bytes = {kvx: sum(s.bytes_sent for s in sites if s.kind == "kv") for kvx, sites in sent.items()}
     assert kv_bytes["hidden"] * 2 == kv_bytes["kv"]
+
+
+def _patch_stats(x: torch.Tensor, n: int, groups: int) -> torch.Tensor:
+    from distrifx.passes.kernels import group_stats
+
+    return torch.cat([group_stats(part, groups, 1e-5) for part in x.chunk(n, dim=2)])
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("offset", [0.0, 100.0])  # a large mean must not cancel the variance away
+def test_group_norm_kernels_equal_group_norm_from_the_patches_stats(affine, offset):
+    from distrifx.passes.kernels import combine_group_stats, group_norm_apply
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 5) + offset
+    norm = nn.GroupNorm(4, 8, affine=affine)
+    if affine:
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    mean, var = combine_group_stats(_patch_stats(x, 4, 4))
+    out = group_norm_apply(x, mean, var, 4, norm.weight, norm.bias, norm.eps, 4, 8)
+    # x * scale + shift rounds like |x|; E[x^2] - E[x]^2 at this offset would be off by ~1e-3
+    torch.testing.assert_close(out, norm(x), atol=2e-6 * (1 + offset), rtol=1e-5)
+
+
+def test_corrected_group_stats_is_the_stale_global_plus_this_ranks_change_in_moment_space():
+    from distrifx.passes.kernels import corrected_group_stats
+
+    torch.manual_seed(0)
+    before, now = torch.randn(1, 8, 8, 5), 1.5 * torch.randn(1, 8, 8, 5) + 0.3
+    rank = 1
+    stale, fresh = _patch_stats(before, 2, 4), _patch_stats(now, 2, 4)[rank:rank + 1]
+
+    def moments(x: torch.Tensor) -> torch.Tensor:
+        groups = x.reshape(1, 4, -1)
+        return torch.stack([groups.mean(-1), groups.square().mean(-1)], -1)
+
+    halves = before.chunk(2, dim=2)
+    full = (moments(halves[0]) + moments(halves[1])) / 2 + moments(now.chunk(2, dim=2)[rank]) - moments(halves[rank])
+    mean, var = corrected_group_stats(stale, fresh, rank)
+    torch.testing.assert_close(mean, full[..., 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, torch.where(full[..., 1] - full[..., 0] ** 2 < 0, fresh[0, ..., 1],
+                                                full[..., 1] - full[..., 0] ** 2), atol=1e-5, rtol=1e-5)

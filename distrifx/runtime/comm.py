@@ -104,8 +104,8 @@ class Communicator(ABC):
 
         def assemble() -> torch.Tensor:
             received = finish()
-            prev = received.get(self.rank - 1, _zeros_rows(x, dim, before))
-            nxt = received.get(self.rank + 1, _zeros_rows(x, dim, after))
+            prev = received[self.rank - 1] if self.rank - 1 in received else _zeros_rows(x, dim, before)
+            nxt = received[self.rank + 1] if self.rank + 1 in received else _zeros_rows(x, dim, after)
             return torch.cat([prev, nxt], dim)
 
         return Work(self.stats, assemble)
