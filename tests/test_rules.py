@@ -231,7 +231,7 @@ def test_corrected_group_stats_is_the_stale_global_plus_this_ranks_change_in_mom
 
     halves = before.chunk(2, dim=2)
     full = (moments(halves[0]) + moments(halves[1])) / 2 + moments(now.chunk(2, dim=2)[rank]) - moments(halves[rank])
+    full_var = full[..., 1] - full[..., 0] ** 2
     mean, var = corrected_group_stats(stale, fresh, rank)
     torch.testing.assert_close(mean, full[..., 0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(var, torch.where(full[..., 1] - full[..., 0] ** 2 < 0, fresh[0, ..., 1],
-                                                full[..., 1] - full[..., 0] ** 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var, torch.where(full_var < 0, fresh[0, ..., 1], full_var), atol=1e-5, rtol=1e-5)
