@@ -51,6 +51,7 @@ def parallelize(
     backend: Backend | Literal["eager", "inductor", "tensorrt"] = "eager",
     process_group: Any = None,
     timeout_s: float = 300.0,
+    stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
 ) -> ParallelModule:
     """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
 
@@ -59,6 +60,10 @@ def parallelize(
     ``kv_exchange`` picks what self-attention exchanges when K and V are projections of one
     token tensor: "kv", "hidden" (gather the tensor, project locally), or "auto" (a cost model
     of bytes saved against projection FLOPs for the device).
+    ``stale_dtype`` (stale mode) sends the stale halo rows and keys/values in a narrower float
+    and keeps them in it between steps: half the bytes and stale-buffer memory of float32 for
+    ``torch.bfloat16``, at the cost of rounding what is already an approximation. Warm-up
+    exchanges and GroupNorm statistics stay exact; None (the default) rounds nothing.
     ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md);
     ``backend="tensorrt"`` builds TensorRT engines for it (CUDA and torch-tensorrt needed).
 
@@ -76,6 +81,7 @@ def parallelize(
         cfg_parallel=cfg_parallel,
         backend=backend,
         timeout_s=timeout_s,
+        stale_dtype=stale_dtype,
     )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")

@@ -18,6 +18,7 @@ import os
 import platform
 import resource
 import statistics
+import textwrap
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class BenchCase:
     steps: int = 8
     warmup_steps: int = 4
     gn_variant: str = "corrected"  # stale mode's GroupNorm statistics
+    stale_dtype: str | None = None  # stale mode's halo rows and K/V travel in this (None: the activations')
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
     transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
@@ -72,9 +74,10 @@ class BenchCase:
     def label(self) -> str:
         kind = " (one rank timed alone)" if self.projected else "" if self.transport else " (no transport)"
         gn = f" GN {self.gn_variant}" if self.mode == "stale" and self.gn_variant != "corrected" else ""
+        narrow = f" {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
-                f"{self.mode}{gn}{backend}{kind}")
+                f"{self.mode}{gn}{narrow}{backend}{kind}")
 
     @property
     def first_steady_step(self) -> int:
@@ -172,8 +175,8 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
         model = unet if case.backend == "eager" else torch.compile(unet, backend=case.backend, dynamic=False)
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
-                                  gn_variant=case.gn_variant, cfg_parallel=False, backend=case.backend,
-                                  process_group=group)
+                                  gn_variant=case.gn_variant, stale_dtype=case.stale_dtype, cfg_parallel=False,
+                                  backend=case.backend, process_group=group)
     return pmodel, pmodel, sample, kwargs, timesteps
 
 
@@ -384,8 +387,8 @@ def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=130)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(results)), 3.6))
-    labels = [r["label"].replace(" b1 ", "\n") for r in results]
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(results)), 4.2))
+    labels = [textwrap.fill(r["label"], 18) for r in results]
     compute = [r["compute_s"] for r in results]
     exposed = [r["exposed_comm_s"] for r in results]
     ax.bar(labels, compute, label="compute")

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from distrifx.bench import BACKENDS, DTYPES
-from distrifx.config import GNVariant, Mode
+from distrifx.config import STALE_DTYPES, GNVariant, Mode
 from distrifx.models import UNET_CONFIGS
 
 __all__ = ["main", "build_parser"]
@@ -47,8 +47,20 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
                    help="GroupNorm statistics after warm-up in stale mode (default corrected)")
     p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default=None,
                    help="put the two halves of a guidance batch on two rank groups (default auto)")
+    _add_stale_dtype(p)
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="torch threads per spawned rank on CPU (default: cores / world size)")
+
+
+def _add_stale_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stale-dtype", choices=list(STALE_DTYPES), default=None,
+                   help="send and keep stale mode's halo rows and keys/values in this dtype (default: the "
+                        "activations')")
+
+
+def _stale_dtypes(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stale-dtypes", nargs="+", default=["none"], choices=["none", *STALE_DTYPES],
+                   help="stale exchange dtypes to sweep in stale mode; none: the activations' (default none)")
 
 
 def _positive_int(text: str) -> int:
@@ -98,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gn-variants", nargs="+", default=["corrected"],
                        choices=GN_VARIANTS,
                        help="stale mode's GroupNorm statistics to sweep (default corrected)")
+    _stale_dtypes(bench)
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     bench.add_argument("--rounds", type=_positive_int, default=1,
                        help="run every configuration this many times, a round through all of them at a time; "
@@ -147,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--warmup-steps", type=int, default=4)
     comp.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
                       help="put the two halves of a guidance batch on two rank groups (default auto)")
+    _add_stale_dtype(comp)
     comp.add_argument("--out", type=Path, required=True, help="output directory")
 
     fid = sub.add_parser("fidelity", help="PSNR/SSIM of stale and naive patches against one device",
@@ -155,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     fid.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4], help="stale warm-up steps to sweep")
     fid.add_argument("--gn-variants", nargs="+", default=GN_VARIANTS, choices=GN_VARIANTS)
+    _stale_dtypes(fid)
     fid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fid.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     fid.add_argument("--steps", type=int, default=20)
@@ -261,6 +276,7 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
         pipe = distrifx.parallelize_pipeline(
             pipe, options["world_size"], mode=options["mode"], warmup_steps=options["warmup_steps"],
             gn_variant=options["gn_variant"], cfg_parallel=_CFG_PARALLEL[options["cfg_parallel"]],
+            stale_dtype=options["stale_dtype"],
         )
     pipe.set_progress_bar_config(disable=rank != 0)
     start = time.perf_counter()
@@ -344,8 +360,9 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
                       warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
                       device=args.device, dtype=args.dtype, backend=args.backend)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
-        variants = [dict(mode=m, gn_variant=g) for m in args.modes
-                    for g in (args.gn_variants if m == "stale" else ["corrected"])]
+        variants = [dict(mode=m, gn_variant=g, stale_dtype=d) for m in args.modes
+                    for g in (args.gn_variants if m == "stale" else ["corrected"])
+                    for d in (_dtype_options(args.stale_dtypes) if m == "stale" else [None])]
         cases += [BenchCase(world_size=n, **v, **common) for n in args.world_sizes for v in variants]
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
@@ -358,6 +375,11 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _dtype_options(names: list[str]) -> list[str | None]:
+    """``--stale-dtypes`` values as ``stale_dtype`` options: "none" is None."""
+    return [None if name == "none" else name for name in names]
+
+
 def _run_compile(args: argparse.Namespace) -> int:
     import distrifx
     from distrifx.api import _denoiser_name
@@ -366,7 +388,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
     options = dict(mode=args.mode, warmup_steps=args.warmup_steps, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel],
-                   format=args.format)
+                   stale_dtype=args.stale_dtype, format=args.format)
     start = time.perf_counter()
     if args.component == "vae":
         if getattr(pipe, "vae", None) is None:
@@ -394,6 +416,8 @@ def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
     for n in args.world_sizes:
         cases += [FidelityCase(n, "stale", w, "corrected") for w in args.warmups]
         cases += [FidelityCase(n, "stale", max(args.warmups), v) for v in args.gn_variants if v != "corrected"]
+        cases += [FidelityCase(n, "stale", max(args.warmups), stale_dtype=d)
+                  for d in _dtype_options(args.stale_dtypes) if d is not None]
         cases.append(FidelityCase(n, "naive"))
     rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
     _write_outputs(args.out, "distrifx " + " ".join(argv), rows, fidelity_table(rows), "\n![images](images.png)\n")

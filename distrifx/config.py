@@ -6,9 +6,14 @@ import enum
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+
 from distrifx.errors import ConfigError
 
-__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig"]
+__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES", "dtype_name"]
+
+# What stale exchanges may travel and be kept in: narrower floats than the activations.
+STALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class Mode(str, enum.Enum):
@@ -54,6 +59,21 @@ def _enum(cls: type[enum.Enum], value: object, option: str) -> enum.Enum:
         raise ConfigError(f"{option}={value!r} is not valid; choose one of {choices}.") from None
 
 
+def dtype_name(dtype: torch.dtype | None) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (for manifests and labels); None stays None."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _stale_dtype(value: object) -> torch.dtype | None:
+    if value is None:
+        return None
+    name = dtype_name(value) if isinstance(value, torch.dtype) else value
+    if isinstance(name, str) and name in STALE_DTYPES:
+        return STALE_DTYPES[name]
+    raise ConfigError(f"stale_dtype={value!r} is not valid; choose None (the activations' dtype) or one of "
+                      f"{', '.join(repr(n) for n in STALE_DTYPES)} (torch dtypes or their names).")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Validated options of :func:`distrifx.parallelize`.
@@ -71,12 +91,15 @@ class ParallelConfig:
     cfg_parallel: bool | Literal["auto"] = "auto"
     backend: Backend = Backend.EAGER
     timeout_s: float = 300.0
+    stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges: sent and kept in this
+
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
         object.__setattr__(self, "gn_variant", _enum(GNVariant, self.gn_variant, "gn_variant"))
         object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "kv_exchange", _enum(KVExchange, self.kv_exchange, "kv_exchange"))
+        object.__setattr__(self, "stale_dtype", _stale_dtype(self.stale_dtype))
         problems = []
         if not isinstance(self.world_size, int) or self.world_size < 1:
             problems.append(f"world_size={self.world_size!r} must be a positive int")

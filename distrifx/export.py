@@ -62,7 +62,7 @@ from distrifx.api import _communicator, _denoiser_name
 from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
 from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
-from distrifx.config import GNVariant, KVExchange, Mode, ParallelConfig
+from distrifx.config import GNVariant, KVExchange, Mode, ParallelConfig, dtype_name
 from distrifx.errors import ArtifactError, ConfigError, DistrifxError, InputSignatureError, ProcessGroupError
 from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
@@ -76,7 +76,7 @@ __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest"
            "RecordedAttributes", "ArtifactError", "InputSignatureError", "MANIFEST", "FORMATS", "RECORDED_ATTRIBUTES"]
 
 MANIFEST = "manifest.json"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
 _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
@@ -464,13 +464,14 @@ def export(
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
+    stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
     format: Literal["pt2", "aoti", "onnx", "tensorrt"] = "pt2",
     pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
     Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant``,
-    ``kv_exchange`` and ``cfg_parallel`` are those of :func:`distrifx.parallelize`: with an even
+    ``kv_exchange``, ``cfg_parallel`` and ``stale_dtype`` are those of :func:`distrifx.parallelize`: with an even
     batch and world size (and ``cfg_parallel`` not False) each rank's program handles half the
     batch, patch-parallel over ``world_size / 2`` ranks. The files are specialized to the shapes,
     dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
@@ -487,7 +488,7 @@ def export(
     kwargs = dict(kwargs or {})
     _check_format(format, tree_flatten((tuple(args), kwargs))[0])
     config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
-                            kv_exchange=kv_exchange, cfg_parallel=cfg_parallel)
+                            kv_exchange=kv_exchange, cfg_parallel=cfg_parallel, stale_dtype=stale_dtype)
     out = Path(out_dir)
     _prepare(out)
     model = model.eval()
@@ -506,7 +507,8 @@ def export(
         "world_size": world_size,
         "cfg_split": cfg_split,
         "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
-                    "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value},
+                    "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value,
+                    "stale_dtype": dtype_name(config.stale_dtype)},
         "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
         "inputs": _input_signature(model, tuple(args), kwargs),
         "out_spec": treespec_dumps(captured.out_spec),
@@ -1001,7 +1003,7 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
                                 warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
                                 kv_exchange=options["kv_exchange"], cfg_parallel=manifest["cfg_split"],
-                                timeout_s=timeout_s)
+                                stale_dtype=options["stale_dtype"], timeout_s=timeout_s)
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
         out_spec = _load_spec(manifest["out_spec"], "output")
         attributes = _model_attributes(manifest["model"])

@@ -28,11 +28,13 @@ class FidelityCase:
     mode: str
     warmup_steps: int = 4
     gn_variant: str = "corrected"
+    stale_dtype: str | None = None
 
     @property
     def label(self) -> str:
         extra = f", warm-up {self.warmup_steps}, GN {self.gn_variant}" if self.mode == "stale" else ""
-        return f"N={self.world_size} {self.mode}{extra}"
+        narrow = f", {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
+        return f"N={self.world_size} {self.mode}{extra}{narrow}"
 
 
 def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch.Tensor:
@@ -50,7 +52,7 @@ def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, se
         pipe = pipes[group.rank]
         pipe.unet = distrifx.parallelize(pipe.unet, case.world_size, mode=case.mode, cfg_parallel=False,
                                          warmup_steps=case.warmup_steps, gn_variant=case.gn_variant,
-                                         process_group=group)
+                                         stale_dtype=case.stale_dtype, process_group=group)
         return _generate(pipe, prompt, seed, size, steps)
 
     return distrifx.simulate(rank, case.world_size)[0]

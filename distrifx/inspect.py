@@ -111,8 +111,7 @@ def explain(
     graphs, unscheduled = {}, {}
     with captured.lock:
         for phase in phases_for(config.mode):
-            ctx = PassContext(rank=rank, world_size=world_size, phase=phase,
-                              gn_variant=config.gn_variant, kv_exchange=config.kv_exchange, name=type(model).__name__)
+            ctx = PassContext.for_config(config, rank, phase, type(model).__name__)
             graphs[phase] = build_rank_graph(captured.graph_module, ctx)
             unscheduled[phase] = build_rank_graph(captured.graph_module, ctx, skip=("schedule",))
     return Plan(config=config, rank=rank, graphs=graphs, unscheduled=unscheduled)

@@ -42,9 +42,10 @@ SEEDS = tuple(str(seed) for seed in range(8))  # the fidelity sections' seeds
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "docs": {
         # The speedup target's configurations, in interleaved rounds: this machine's speed drifts.
+        # With bfloat16 stale exchanges too: half the bytes gloo moves on the cores the ranks compute on.
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
-                                "stale", "--steps", "12", "--rounds", "6", "--threads", "1", "--project", "2",
-                                "--no-transport"),
+                                "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
+                                "--threads", "1", "--project", "2", "--no-transport"),
         "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
                          "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "12", "--threads", "1",
                          "--project", "2", "4", "8", "--no-transport"),
@@ -54,8 +55,8 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "profile-sd15-half-64": ("profile", "--model", "sd15-half", "--latent", "64", "--world-size", "2", "--steps",
                                  "4"),
         # Eight seeds: a single image's PSNR varies by several dB from seed to seed.
-        "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--seeds", *SEEDS,
-                     "--size", "32", "--steps", "20"),
+        "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
+                     "bfloat16", "--seeds", *SEEDS, "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
@@ -75,9 +76,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     # A minute on two cores: every section's code path, for the tests.
     "tiny": {
         "sd15-16": ("bench", "--model", "sd15", "--latent", "16", "--world-sizes", "2", "--modes", "stale",
-                    "--steps", "3", "--warmup-steps", "1", "--project", "2", "--link-gbps", "1", "--no-transport"),
-        "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--seeds", "0",
-                     "--size", "32", "--steps", "3"),
+                    "--stale-dtypes", "none", "bfloat16", "--steps", "3", "--warmup-steps", "1", "--project", "2",
+                    "--link-gbps", "1", "--no-transport"),
+        "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--stale-dtypes",
+                     "none", "bfloat16", "--seeds", "0", "--size", "32", "--steps", "3"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
         "profile": ("profile", "--model", "sd15", "--latent", "16", "--world-size", "2", "--warmup-steps", "1",
                     "--steps", "1"),
@@ -117,10 +119,11 @@ def _verdict(met: bool) -> str:
 
 def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool = False,
           transport: bool = True) -> dict[str, Any] | None:
-    """The result of ``mode`` at ``world`` ranks, stale mode with its default (corrected) GroupNorm."""
+    """The result of ``mode`` at ``world`` ranks, stale mode with its defaults (corrected GroupNorm,
+    exchanges in the activations' dtype)."""
     return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
                  and r["case"]["projected"] == projected and r["case"]["transport"] == transport
-                 and r["case"]["gn_variant"] == "corrected"), None)
+                 and r["case"]["gn_variant"] == "corrected" and not r["case"].get("stale_dtype")), None)
 
 
 def _rounds(results: list[dict[str, Any]]) -> int:
@@ -197,6 +200,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
             + (f" Measured: the rank's other threads used {stale['background_cpu_s']:.3f} s of CPU per step with gloo, "
                f"{together['background_cpu_s']:.3f} s without transport."
                if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
+    out += _narrow_findings(results, stale)
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
@@ -215,6 +219,21 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                    "all exchanges) (`distrifx.bench.projected_step`); stale exchanges are assumed to overlap "
                    "compute fully, sync ones not at all, and communication not to slow compute down.")
     return out + _published_comparison(results)
+
+
+def _narrow_findings(results: list[dict[str, Any]], wide: dict[str, Any] | None) -> list[str]:
+    """Each 2-rank stale run with narrowed stale exchanges against the default one."""
+    out = []
+    for r in results:
+        c = r["case"]
+        if wide and c.get("stale_dtype") and c["world_size"] == 2 and c["transport"] and not c["projected"]:
+            out.append(
+                f"{c['stale_dtype']} stale exchanges: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
+                f"{r['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step (against "
+                f"{wide['bytes_sent_per_step'] / 2**20:.1f}), stale buffers {r['state_bytes'] / 2**20:.1f} MiB "
+                f"(against {wide['state_bytes'] / 2**20:.1f}); the rank's other threads used "
+                f"{r['background_cpu_s']:.3f} s of CPU per step (against {wide['background_cpu_s']:.3f}).")
+    return out
 
 
 def _published_comparison(results: list[dict[str, Any]]) -> list[str]:
@@ -329,6 +348,12 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
                            f"{mean(naive):.1f} dB, {gap:+.1f} dB (per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
                            f"+{FIDELITY_TARGET_DB:.0f} or more on {reached} of {len(gaps)} seeds); target "
                            f"+{FIDELITY_TARGET_DB:.0f} dB on average {_verdict(gap >= FIDELITY_TARGET_DB)}.")
+        for row in {r["label"]: r for r in rows if r["world_size"] == world and r.get("stale_dtype")}.values():
+            wide = FidelityCase(world, "stale", row["warmup_steps"], row["gn_variant"]).label
+            if wide in labels:
+                out.append(f"N={world}, {row['stale_dtype']} stale exchanges ({row['label']}): {mean(row['label']):.1f} "
+                           f"dB against {mean(wide):.1f} dB with exchanges in the activations' dtype "
+                           f"({mean(row['label']) - mean(wide):+.2f} dB).")
     return out
 
 

@@ -11,13 +11,13 @@ import torch
 from torch.fx import Graph, Node
 from torch.fx.proxy import GraphAppendingTracer, Proxy
 
-from distrifx.config import GNVariant
+from distrifx.config import GNVariant, dtype_name
 from distrifx.errors import module_path
 from distrifx.passes.manager import PassContext, Phase
 from distrifx.passes.spec import Placement, Shard
 from distrifx.runtime import ops
 
-__all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes"]
+__all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes", "wire_dtype"]
 
 META_ORIGIN = "distrifx.origin"
 aten = torch.ops.aten
@@ -61,6 +61,20 @@ def form_for(kind: str, ctx: PassContext, phase: str | None = None) -> Form:
 def is_carried(kind: str, ctx: PassContext) -> bool:
     """Whether graphs of this phase emit the exchange's result as state for the next step."""
     return ctx.phase in (Phase.WARMUP, Phase.STALE) and form_for(kind, ctx, Phase.STALE) is Form.STALE
+
+
+# Exchanges whose stale values may travel and be kept in ``PassContext.stale_dtype``. GroupNorm
+# statistics stay float32: they are a few bytes, and E[x^2] - E[x]^2 would lose its digits.
+NARROWABLE = ("halo", "kv")
+
+
+def wire_dtype(kind: str, ctx: PassContext, dtype: torch.dtype | None) -> torch.dtype | None:
+    """The narrower dtype a carried exchange of ``kind`` (values of ``dtype``) travels and is kept
+    in, or None to keep ``dtype``."""
+    wire = ctx.stale_dtype
+    if wire is None or kind not in NARROWABLE or dtype is None or not dtype.is_floating_point:
+        return None
+    return wire if wire.itemsize < dtype.itemsize else None
 
 
 def gather_bytes(global_value: torch.Tensor, world_size: int) -> int:
@@ -165,16 +179,22 @@ class Builder:
 
     # -- exchanges ---------------------------------------------------------------------------
     def exchange(
-        self, name: str, kind: str, start: Callable[..., Any], args: tuple, nbytes: int
+        self, name: str, kind: str, start: Callable[..., Any], args: tuple, nbytes: int,
+        dtype: torch.dtype | None = None,
     ) -> tuple[Node | None, Node | None]:
         """Emit one exchange in the form this graph needs; return ``(fresh now, stale)`` nodes.
 
         In SYNC form the first is the fresh result; in STALE form the second is the previous
         step's result (a new graph input) and the fresh one becomes a graph output; in NONE form
-        both are None. ``nbytes`` is what this rank sends, for the plan.
+        both are None. ``nbytes`` is what this rank sends of values of ``dtype``, for the plan.
+        A carried exchange of ``ctx.stale_dtype`` keeps its state in that dtype; its stale form
+        also sends in it, while a synchronous (warm-up) exchange stays exact.
         """
         form = form_for(kind, self.ctx)
         carried = form is not Form.NONE and is_carried(kind, self.ctx)
+        wire = wire_dtype(kind, self.ctx, dtype) if carried else None
+        if wire is not None and form is Form.STALE:
+            nbytes = nbytes * wire.itemsize // dtype.itemsize
         self.sites.append(ExchangeSite(
             name=name,
             kind=kind,
@@ -185,10 +205,15 @@ class Builder:
         ))
         if form is Form.NONE:
             return None, None
-        result = self.call(ops.wait, (self.call(start, (self.comm, *args)),))
-        if carried:
-            self.state_out[name] = result
         if form is Form.SYNC:
+            result = self.call(ops.wait, (self.call(start, (self.comm, *args)),))
+            if carried:
+                self.state_out[name] = result if wire is None else self._cast(result, wire)
             return result, None
+        sent = {} if wire is None else {"dtype": dtype_name(wire)}
+        self.state_out[name] = self.call(ops.wait, (self.call(start, (self.comm, *args), sent),))
         self.state_in[name] = self.placeholder(f"stale_{name}")
-        return None, self.state_in[name]
+        return None, self.state_in[name] if wire is None else self._cast(self.state_in[name], dtype)
+
+    def _cast(self, x: Node, dtype: torch.dtype) -> Node:
+        return self.call(aten._to_copy.default, (x,), {"dtype": dtype})

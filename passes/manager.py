@@ -13,7 +13,9 @@ from pathlib import Path
 
 from torch.fx import GraphModule
 
-from distrifx.config import GNVariant, KVExchange
+import torch
+
+from distrifx.config import GNVariant, KVExchange, ParallelConfig
 from distrifx.errors import DistrifxError
 
 __all__ = ["PassContext", "PassResult", "PassFn", "Phase", "run_passes", "DUMP_ENV"]
@@ -40,6 +42,13 @@ class PassContext:
     gn_variant: GNVariant = GNVariant.CORRECTED
     kv_exchange: KVExchange = KVExchange.AUTO
     name: str = "graph"
+    stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges travel in this
+
+    @classmethod
+    def for_config(cls, config: ParallelConfig, rank: int, phase: str, name: str) -> PassContext:
+        """The context of rank ``rank``'s ``phase`` graph under ``config``'s options."""
+        return cls(rank=rank, world_size=config.world_size, phase=phase, gn_variant=config.gn_variant,
+                   kv_exchange=config.kv_exchange, name=name, stale_dtype=config.stale_dtype)
 
 
 @dataclass(frozen=True)

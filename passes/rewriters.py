@@ -67,7 +67,8 @@ def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) 
         if before or after:
             row_bytes = _row_bytes(node.args[0], rw.dim)
             now, stale = b.exchange(f"halo_{node.name}", "halo", ops.neighbour_rows_start,
-                                    (x, rw.dim, before, after), row_bytes * (before + after))
+                                    (x, rw.dim, before, after), row_bytes * (before + after),
+                                    node.args[0].meta["val"].dtype)
             rows = now if now is not None else stale
             if rows is None:  # naive: the patch border is zero-padded like the image border
                 x_in = b.call(aten.constant_pad_nd.default, (own, [0, 0, before, after]))
@@ -104,7 +105,7 @@ def _gather_tokens(b: Builder, name: str, old: Node, new: Node, seq_dim: int) ->
     shard = placement_of(old)
     head, block, tail = b.split_segment(new, old, shard)
     nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
-    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), nbytes)
+    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), nbytes, old.meta["val"].dtype)
     if now is not None:
         middle = now
     elif stale is not None:

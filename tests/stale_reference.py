@@ -5,7 +5,8 @@ GroupNorms, self-attention processors) and runs N virtual ranks one after anothe
 process, each on its row patch. At a stale step, rank r's layer sees its own fresh input and the
 *previous step's* values of the other ranks (conv halo rows, keys/values, GroupNorm statistics,
 combined with the E[x], E[x^2] correction of the design). Warm-up steps run the full model and
-record every rank's slice of each layer.
+record every rank's slice of each layer. With ``stale_dtype``, the halo rows and keys/values a
+rank reads from the previous step are rounded to it (GroupNorm statistics are not).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from torch import nn
 
 
 class StaleReference:
-    def __init__(self, model: nn.Module, world_size: int, warmup_steps: int) -> None:
+    def __init__(self, model: nn.Module, world_size: int, warmup_steps: int,
+                 stale_dtype: torch.dtype | None = None) -> None:
         self.model = copy.deepcopy(model).eval()
-        self.n, self.warmup = world_size, warmup_steps
+        self.n, self.warmup, self.stale_dtype = world_size, warmup_steps, stale_dtype
+        self.norms: set[str] = set()  # GroupNorm layers: their statistics are never rounded
         self.step = 0
         self.rank: int | None = None  # None: full (synchronous) run
         self.prev: dict[tuple[str, int], object] = {}  # (layer, rank) -> last step's value
@@ -31,6 +34,7 @@ class StaleReference:
             if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
                 module.forward = types.MethodType(self._conv(name), module)
             elif isinstance(module, nn.GroupNorm):
+                self.norms.add(name)
                 module.forward = types.MethodType(self._group_norm(name), module)
             elif name.endswith("attn1"):
                 module.set_processor(_SelfAttention(self, name))
@@ -103,8 +107,16 @@ class StaleReference:
                 self.rank = r
                 outs.append(self.model(patch, *args, **kwargs).sample)
             out = torch.cat(outs, 2)
-        self.prev, self.step = self.fresh, self.step + 1
+        self.prev = {key: self._narrow(key[0], value) for key, value in self.fresh.items()}
+        self.step += 1
         return out
+
+    def _narrow(self, layer: str, value):
+        if self.stale_dtype is None or layer in self.norms:
+            return value
+        if isinstance(value, tuple):
+            return tuple(self._narrow(layer, v) for v in value)
+        return value.to(self.stale_dtype).to(value.dtype)
 
 
 class _SelfAttention:

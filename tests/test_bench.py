@@ -69,6 +69,7 @@ def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
     assert stale["step_s"] == 2.5 and stale["speedup"] == 2.0 and stale["compute_s"] == pytest.approx(2.4)
 
 
+@pytest.mark.timeout(900)  # a whole benchmark suite in subprocesses: three minutes on a quiet 2-core machine
 def test_report_runs_every_section_end_to_end(tmp_path):
     """`distrifx report --suite tiny`: bench, fidelity, VAE memory and profile run; the page is rendered from them."""
     cmd = [sys.executable, "-m", "distrifx", "report", "--suite", "tiny", "--out", str(tmp_path)]
@@ -76,13 +77,18 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     bench = json.loads((tmp_path / "bench" / "sd15-16" / "results.json").read_text())
     assert bench["command"].startswith("distrifx bench --model sd15") and "no GPU" in bench["machine"]
     labels = [r["label"] for r in bench["results"]]
-    assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale",
-                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", "sd15 16x16 b1 N=2 stale (no transport)",
-                      "sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)"]
+    narrow = "sd15 16x16 b1 N=2 stale bfloat16 exchanges"
+    assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale", narrow,
+                      "sd15 16x16 b1 N=2 stale (one rank timed alone)", f"{narrow} (one rank timed alone)",
+                      "sd15 16x16 b1 N=2 stale (no transport)", "sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)",
+                      f"{narrow} (projected over 1 GB/s, 15 us)"]
     by_label = dict(zip(labels, bench["results"]))
     stale = by_label["sd15 16x16 b1 N=2 stale"]
     assert stale["bytes_sent_per_step"] > 0 and stale["state_bytes"] > 0
     assert len(stale["per_rank"]) == 2 and stale["speedup"] > 0 and stale["rounds"] == 1
+    # bfloat16 halo rows and K/V: about half the bytes and stale buffers (GroupNorm statistics stay float32)
+    for key in ("bytes_sent_per_step", "state_bytes"):
+        assert 0.45 * stale[key] < by_label[narrow][key] < 0.55 * stale[key], key
     if len(os.sched_getaffinity(0)) >= 2:  # each rank bound to its own core
         assert [r["cores"] for r in stale["per_rank"]] == [[c] for c in sorted(os.sched_getaffinity(0))[:2]]
     alone = by_label["sd15 16x16 b1 N=2 stale (one rank timed alone)"]
@@ -108,10 +114,12 @@ def test_report_runs_every_section_end_to_end(tmp_path):
                      "## Fidelity on the trained default model: 3 DDIM steps, 32x32 pixels",
                      "patches of 16 rows at N=2.",
                      "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
+                     "bfloat16 stale exchanges: ", "N=2, bfloat16 stale exchanges (N=2 stale, warm-up 1, GN corrected, "
+                     "bfloat16 exchanges): ",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
                      "aten ops per step against the unmodified model's",
-                     f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --seeds 0 --size 32 "
-                     f"--steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
+                     f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --stale-dtypes none "
+                     f"bfloat16 --seeds 0 --size 32 --steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
         assert expected in page, expected
 
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "bench").glob("*/results.json")}

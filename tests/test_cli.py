@@ -78,6 +78,7 @@ def test_generate_runs_compiled_engines_and_equals_one_device(engines, tmp_path,
     (["--height", "64"], r"--height 64 \(compiled: 32\)"),
     (["--guidance-scale", "1.0"], r"--guidance-scale 1.0 \(compiled: 3.0; classifier-free guidance on"),
     (["--mode", "stale", "--world-size", "4"], r"--world-size 4 \(compiled: 2\); --mode stale \(compiled: sync\)"),
+    (["--stale-dtype", "bfloat16"], r"--stale-dtype bfloat16 \(compiled: None\)"),
 ])
 def test_generate_refuses_options_the_engines_were_not_compiled_for(engines, options, message):
     with pytest.raises(SystemExit, match=f"was compiled for height=32, width=32, guidance_scale=3.0, world size 2, "

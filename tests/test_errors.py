@@ -35,6 +35,8 @@ def test_world_size_differs_from_simulated_group():
         ({"warmup_steps": -1}, "warmup_steps=-1 must be an int >= 0"),
         ({"cfg_parallel": "yes"}, "cfg_parallel='yes'"),
         ({"backend": "tvm"}, "backend='tvm' is not valid; choose one of 'eager', 'inductor', 'tensorrt'"),
+        ({"stale_dtype": "int8"}, "stale_dtype='int8' is not valid; choose None (the activations' dtype) or one of "
+                                  "'bfloat16', 'float16'"),
     ],
 )
 def test_invalid_options(options, message):

@@ -116,12 +116,29 @@ def test_aoti_export_equals_the_unmodified_model(tmp_path):
     assert all(float((out - expected).abs().max()) < 1e-5 for out in outs)
 
 
+def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model, tmp_path):
+    unet, (sample, _), kwargs = model
+    options = dict(mode="stale", warmup_steps=1, stale_dtype="bfloat16")
+    distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, **options)
+    manifest = json.loads((tmp_path / MANIFEST).read_text())
+    assert manifest["options"]["stale_dtype"] == "bfloat16"
+    starts = [step for step in manifest["ranks"][0]["stale"]["steps"] if step["op"].endswith("_start")]
+    assert {step["args"].get("dtype") for step in starts} == {"bfloat16", None}  # GroupNorm stats stay float32
+    samples = _samples(sample)
+    loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
+    eager = _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, **options),
+                   samples, kwargs)
+    for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
+        assert float((got.sample - want.sample).abs().max()) < 1e-5
+
+
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
     out = exported("pt2", "stale")
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["format"] == "pt2" and manifest["world_size"] == 2
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
-    assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "gn_variant": "corrected", "kv_exchange": "auto"}
+    assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "gn_variant": "corrected", "kv_exchange": "auto",
+                                   "stale_dtype": None}
     assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
     assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"

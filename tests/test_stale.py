@@ -96,3 +96,50 @@ def test_hidden_state_exchange_matches_kv_exchange():
         hidden = _run(unet, 2, samples, kwargs, mode=mode, warmup_steps=1, kv_exchange="hidden")[0]
         for (a, _), (b, _) in zip(kv, hidden):
             assert float((a - b).abs().max()) < 1e-5
+
+
+def test_narrow_stale_exchanges_equal_a_reference_that_rounds_what_it_reads():
+    """stale_dtype rounds exactly the stale halo rows and K/V a rank reads, nothing else."""
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, len(TIMESTEPS))
+    references = {}
+    for dtype in (torch.bfloat16, None):
+        reference = StaleReference(unet, 2, warmup_steps=2, stale_dtype=dtype)
+        references[dtype] = [reference(s, torch.tensor(t), **kwargs) for s, t in zip(samples, TIMESTEPS)]
+    # kv: rounding gathered hidden states and projecting them is not rounding K and V
+    ranks = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=2, stale_dtype="bfloat16", kv_exchange="kv")
+    for outs in ranks:
+        errors = [{dtype: float((out - ref[step]).abs().mean()) for dtype, ref in references.items()}
+                  for step, (out, _) in enumerate(outs)]
+        assert errors[0][torch.bfloat16] < 1e-6 and errors[1][torch.bfloat16] < 1e-6  # warm-up: exact
+        assert errors[2][torch.bfloat16] < 1e-5 < 1e-4 < errors[2][None]  # the first stale step
+        # later steps: a value that lands on a bf16 rounding boundary may round either way, and
+        # such differences grow step by step; they stay well below what not rounding changes
+        for step in errors[3:]:
+            assert step[torch.bfloat16] < 0.5 * step[None]
+
+
+def test_narrow_stale_exchanges_halve_bytes_and_state_and_leave_sync_exact():
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 3)
+    args = (samples[0], torch.tensor(TIMESTEPS[0]))
+    wide = distrifx.explain(unet, args, kwargs, world_size=2, mode="stale")
+    narrow = distrifx.explain(unet, args, kwargs, world_size=2, mode="stale", stale_dtype=torch.bfloat16)
+    for a, b in zip(wide.sites("stale"), narrow.sites("stale"), strict=True):
+        assert b.bytes_sent == (a.bytes_sent // 2 if a.kind in ("halo", "kv") else a.bytes_sent), a.name
+    assert wide.sites("warmup") == narrow.sites("warmup")  # warm-up exchanges are exact
+
+    def state(group, **options):
+        pmodel = distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, process_group=group, **options)
+        for sample, t in zip(samples, TIMESTEPS):
+            pmodel(sample, torch.tensor(t), **kwargs)
+        return dict(pmodel.generation.state)
+
+    wide_state = distrifx.simulate(state, 2)[0]
+    narrow_state = distrifx.simulate(lambda g: state(g, stale_dtype="bfloat16"), 2)[0]
+    assert wide_state.keys() == narrow_state.keys()
+    for name, value in narrow_state.items():
+        want = torch.float32 if name.startswith("gn_") else torch.bfloat16
+        assert value.dtype == want and value.shape == wide_state[name].shape, name
+    sync = [_run(unet, 2, samples, kwargs, mode="sync", **options)[0] for options in ({}, {"stale_dtype": "bfloat16"})]
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(*sync))

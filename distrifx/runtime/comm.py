@@ -64,10 +64,10 @@ def _rows(x: torch.Tensor, dim: int, start: int, count: int) -> torch.Tensor:
     return x.narrow(dim, start if start >= 0 else x.shape[dim] + start, count).contiguous()
 
 
-def _zeros_rows(x: torch.Tensor, dim: int, count: int) -> torch.Tensor:
+def _zeros_rows(x: torch.Tensor, dim: int, count: int, dtype: torch.dtype) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] = count
-    return x.new_zeros(shape)
+    return x.new_zeros(shape, dtype=dtype)
 
 
 class Communicator(ABC):
@@ -77,35 +77,39 @@ class Communicator(ABC):
         self.rank, self.world_size, self.timeout_s = rank, world_size, timeout_s
         self.stats = CommStats()
 
-    def all_gather(self, x: torch.Tensor, dim: int) -> Work:
-        """Concatenate every rank's ``x`` along ``dim`` (rank order)."""
+    def all_gather(self, x: torch.Tensor, dim: int, dtype: torch.dtype | None = None) -> Work:
+        """Concatenate every rank's ``x`` along ``dim`` (rank order), sent as ``dtype`` if given."""
+        x = x if dtype is None else x.to(dtype)
         self.stats.collectives += 1
         self.stats.bytes_sent += x.numel() * x.element_size() * (self.world_size - 1)
         return Work(self.stats, self._all_gather(x.contiguous(), dim))
 
-    def neighbour_rows(self, x: torch.Tensor, dim: int, before: int, after: int) -> Work:
-        """Rows around this rank's patch: ``cat([last `before` rows of rank-1, first `after` rows of rank+1])``.
+    def neighbour_rows(self, x: torch.Tensor, dim: int, before: int, after: int,
+                       dtype: torch.dtype | None = None) -> Work:
+        """Rows around this rank's patch: ``cat([last `before` rows of rank-1, first `after` rows of rank+1])``,
+        sent (and returned) as ``dtype`` if given.
 
         Missing neighbours (the image border) contribute zeros, which is a conv's zero padding.
         """
+        dtype = dtype or x.dtype
         self.stats.collectives += 1
         sends = {}
         if before and self.rank + 1 < self.world_size:
-            sends[self.rank + 1] = _rows(x, dim, -before, before)
+            sends[self.rank + 1] = _rows(x, dim, -before, before).to(dtype)
         if after and self.rank > 0:
-            sends[self.rank - 1] = _rows(x, dim, 0, after)
+            sends[self.rank - 1] = _rows(x, dim, 0, after).to(dtype)
         self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
         recv_shapes = {}
         if before and self.rank > 0:
-            recv_shapes[self.rank - 1] = _zeros_rows(x, dim, before)
+            recv_shapes[self.rank - 1] = _zeros_rows(x, dim, before, dtype)
         if after and self.rank + 1 < self.world_size:
-            recv_shapes[self.rank + 1] = _zeros_rows(x, dim, after)
+            recv_shapes[self.rank + 1] = _zeros_rows(x, dim, after, dtype)
         finish = self._exchange(sends, recv_shapes)
 
         def assemble() -> torch.Tensor:
             received = finish()
-            prev = received[self.rank - 1] if self.rank - 1 in received else _zeros_rows(x, dim, before)
-            nxt = received[self.rank + 1] if self.rank + 1 in received else _zeros_rows(x, dim, after)
+            prev = received[self.rank - 1] if self.rank - 1 in received else _zeros_rows(x, dim, before, dtype)
+            nxt = received[self.rank + 1] if self.rank + 1 in received else _zeros_rows(x, dim, after, dtype)
             return torch.cat([prev, nxt], dim)
 
         return Work(self.stats, assemble)

@@ -10,19 +10,28 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from distrifx.config import STALE_DTYPES
 from distrifx.runtime.comm import Communicator, Work
 
 __all__ = ["all_gather_start", "neighbour_rows_start", "wait", "COLLECTIVE_STARTS", "is_start", "is_wait"]
 
 
-def all_gather_start(comm: Communicator, x: torch.Tensor, dim: int) -> Work:
-    """Start gathering every rank's ``x`` along ``dim``."""
-    return comm.all_gather(x, dim)
+def all_gather_start(comm: Communicator, x: torch.Tensor, dim: int, dtype: str | None = None) -> Work:
+    """Start gathering every rank's ``x`` along ``dim`` (sent and returned as ``dtype`` if given)."""
+    return comm.all_gather(x, dim, _dtype(dtype))
 
 
-def neighbour_rows_start(comm: Communicator, x: torch.Tensor, dim: int, before: int, after: int) -> Work:
-    """Start receiving ``before`` rows of the previous patch and ``after`` rows of the next one."""
-    return comm.neighbour_rows(x, dim, before, after)
+def neighbour_rows_start(
+    comm: Communicator, x: torch.Tensor, dim: int, before: int, after: int, dtype: str | None = None
+) -> Work:
+    """Start receiving ``before`` rows of the previous patch and ``after`` rows of the next one
+    (sent and returned as ``dtype`` if given)."""
+    return comm.neighbour_rows(x, dim, before, after, _dtype(dtype))
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    # graphs name the dtype (a string) so that stored programs keep it as JSON
+    return None if name is None else STALE_DTYPES[name]
 
 
 def wait(work: Work) -> torch.Tensor:

@@ -105,8 +105,7 @@ def build_program(captured: CapturedProgram, config: ParallelConfig, rank: int, 
         graphs = {
             phase: build_rank_graph(
                 captured.graph_module,
-                PassContext(rank=rank, world_size=config.world_size, phase=phase,
-                            gn_variant=config.gn_variant, kv_exchange=config.kv_exchange, name=name),
+                PassContext.for_config(config, rank, phase, name),
             )
             for phase in phases_for(config.mode)
         }
