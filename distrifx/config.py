@@ -93,7 +93,6 @@ class ParallelConfig:
     timeout_s: float = 300.0
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges: sent and kept in this
 
-
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
         object.__setattr__(self, "gn_variant", _enum(GNVariant, self.gn_variant, "gn_variant"))
