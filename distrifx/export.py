@@ -107,7 +107,7 @@ def _describe(leaf: object) -> dict[str, Any]:
     kind, *rest = _leaf_key(leaf)
     if kind == "T":
         shape, dtype, device = rest
-        return {"kind": "tensor", "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "device": device}
+        return {"kind": "tensor", "shape": list(shape), "dtype": dtype_name(dtype), "device": device}
     if kind == "G":
         return {"kind": "generator", "device": rest[0]}
     return {"kind": "constant", "repr": rest[0]}
