@@ -65,7 +65,7 @@ def profile_case(case: BenchCase, profiled: int = 2) -> dict[str, Any]:
     if case.mode == "eager" or case.device != "cpu":
         raise ConfigError(f"distrifx profile: {case.label!r}: profile a parallel mode (sync, stale, naive) on the "
                           "CPU; it times the unmodified model itself as the baseline")
-    first_steady = case.warmup_steps + 1 if case.mode == "stale" else 1
+    first_steady = case.first_steady_step
     case = replace(case, projected=True, steps=first_steady + profiled)
     torch.set_num_threads(case.threads)
     runs = [build_case(replace(case, mode="eager", world_size=1)), build_case(case)]

@@ -134,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cpu (default) or cuda: on a GPU only the eager baseline and --project run")
     bench.add_argument("--dtype", choices=list(DTYPES), default="float32",
                        help="model and input dtype (default float32)")
-    bench.add_argument("--backend", choices=list(BACKENDS), default="eager",
-                       help="what runs each rank's graphs (default eager); the baseline is compiled with the same "
-                            "torch.compile backend, and each phase's first (compiling) call is not timed")
+    bench.add_argument("--backend", choices=list(BACKENDS), nargs="+", default=["eager"],
+                       help="what runs each rank's graphs (default eager; several: every configuration with each, "
+                            "in the same rounds); each backend's configurations are compared with the model compiled "
+                            "by the same torch.compile backend, and each phase's first (compiling) call is not timed")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
 
     comp = sub.add_parser("compile", help="export every rank's program offline (pt2, onnx or tensorrt)",
@@ -355,10 +356,10 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
     if args.link_gbps and not args.project:
         raise SystemExit("distrifx bench: --link-gbps projects one-rank-alone timings: add --project N ...")
     cases = []
-    for model, latent in itertools.product(args.model, args.latent):
+    for model, latent, backend in itertools.product(args.model, args.latent, args.backend):
         common = dict(model=model, height=latent, width=latent, batch=args.batch, steps=args.steps,
                       warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
-                      device=args.device, dtype=args.dtype, backend=args.backend)
+                      device=args.device, dtype=args.dtype, backend=backend)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
         variants = [dict(mode=m, gn_variant=g, stale_dtype=d) for m in args.modes
                     for g in (args.gn_variants if m == "stale" else ["corrected"])

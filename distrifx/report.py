@@ -46,6 +46,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                 "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
                                 "--threads", "1", "--project", "2", "--no-transport"),
+        # The same configuration compiled (model and ranks by inductor) beside eager, in the same rounds.
+        "sd15-half-64-inductor": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
+                                  "stale", "--steps", "10", "--rounds", "3", "--threads", "1", "--project", "2",
+                                  "--backend", "eager", "inductor"),
         "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
                          "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "12", "--threads", "1",
                          "--project", "2", "4", "8", "--no-transport"),
@@ -140,16 +144,16 @@ def _model_line(results: list[dict[str, Any]]) -> str:
             f"random weights), batch {case['batch']}, {case['height']}x{case['width']} latent, 77 text tokens, "
             f"{case['steps']} denoising steps; median step after the first call (stale: after its "
             f"{case['warmup_steps']} warm-up steps) over {_rounds(results)} round(s) through all "
-            f"configurations, slowest rank; " + _where(case) + _compiled(case))
+            f"configurations, slowest rank; " + _where(case) + _compiled(results))
 
 
-def _compiled(case: dict[str, Any]) -> str:
-    backend = case.get("backend", "eager")
-    if backend == "eager":
-        return ""
-    return (f" Compiled with `{backend}`: the baseline is `torch.compile(unet, backend={backend!r})`, each rank's "
-            f"graphs run with `backend={backend!r}` (compiled segments between collectives); the first call of each "
-            "phase compiles and is not timed.")
+def _compiled(results: list[dict[str, Any]]) -> str:
+    """What the rows of each compiled backend ran, marked ``[backend]`` in their labels."""
+    return "".join(
+        f" Rows marked [{backend}] are compiled: their baseline is `torch.compile(unet, backend={backend!r})`, each "
+        f"rank's graphs run with `backend={backend!r}` (compiled segments between collectives); the first call of "
+        "each phase compiles and is not timed."
+        for backend in _by_backend(results) if backend != "eager")
 
 
 def _where(case: dict[str, Any]) -> str:
@@ -204,7 +208,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
-                   f"of their median (the eager baseline: {eager['step_range_s'][0]:.3f} to "
+                   f"of their median (the single-rank baseline: {eager['step_range_s'][0]:.3f} to "
                    f"{eager['step_range_s'][1]:.3f} s); read speedups to about that precision.")
     if any(r["speedup"] and r["speedup"] > r["case"]["world_size"] for r in results):
         out.append("Speedups above N x are possible here: self-attention costs grow with the square of the tokens, "
@@ -262,22 +266,62 @@ def _target_section(records: dict[str, dict[str, Any]], speed: list[str]) -> str
     return max(cases, key=lambda k: _rounds(records[k]["results"]), default=None)
 
 
+def _backend(result: dict[str, Any]) -> str:
+    return result["case"].get("backend", "eager")
+
+
+def _by_backend(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The results of each backend, in the order they first appear."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(_backend(r), []).append(r)
+    return groups
+
+
+def _backend_findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each compiled backend against the eager model of the same run: what compiling alone buys, and
+    its 2-rank stale ranks over the eager model (its own table compares them with the compiled model)."""
+    eager = _find(groups.get("eager", []), "eager", 1)
+    out = []
+    for backend, results in groups.items():
+        model, stale = _find(results, "eager", 1), _find(results, "stale", 2)
+        if backend == "eager" or not (eager and model):
+            continue
+        line = (f"{backend} against eager in the same rounds: the compiled model takes {model['step_s']:.3f} s per "
+                f"step, the eager model {eager['step_s']:.3f} s ({eager['step_s'] / model['step_s']:.2f}x from "
+                "compiling alone)")
+        if stale:
+            line += (f"; {backend}'s 2-rank stale step of {stale['step_s']:.3f} s is "
+                     f"{eager['step_s'] / stale['step_s']:.2f}x the eager model's speed")
+        out.append(line + ".")
+    return out
+
+
+def _target_lines(key: str, results: list[dict[str, Any]], target: str | None, profile: str | None) -> list[str]:
+    """The speedup target's verdict (in the section that judges it) or a pointer to that section."""
+    stale = _find(results, "stale", 2)
+    if not stale or not _target_config(results):
+        return []
+    if key == target:
+        return [f"Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
+                f"({stale['speedup']:.2f}x)."] + (
+            [f"Where one rank alone loses against 2x, op by op: section {profile}."] if profile else [])
+    return [f"The speedup target is judged in section {target}, which has more rounds. This run measured "
+            f"{stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "
+            f"about the spread of their steps."]
+
+
 def _speed_section(key: str, record: dict[str, Any], target: str | None, profile: str | None = None) -> str:
     results = record["results"]
-    stale = _find(results, "stale", 2)
+    groups = _by_backend(results)
     lines = [f"## Speed: {key}", "", _model_line(results), "", f"```bash\n{record['command']}\n```", "",
              markdown_table(results), "", f"![speedup](bench/{key}/speedup.png) "
              f"![breakdown](bench/{key}/breakdown.png)", ""]
-    lines += [f"- {finding}" for finding in _speed_findings(results, record["cpu_count"])]
-    if stale and key == target:
-        lines.append(f"- Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
-                     f"({stale['speedup']:.2f}x).")
-        if profile:
-            lines.append(f"- Where one rank alone loses against 2x, op by op: section {profile}.")
-    elif stale and _target_config(results):
-        lines.append(f"- The speedup target is judged in section {target}, which has more rounds. This run measured "
-                     f"{stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "
-                     f"about the spread of their steps.")
+    for backend, subset in groups.items():
+        prefix = f"{backend}: " if len(groups) > 1 else ""
+        findings = _speed_findings(subset, record["cpu_count"]) + _target_lines(key, subset, target, profile)
+        lines += [f"- {prefix}{finding}" for finding in findings]
+    lines += [f"- {finding}" for finding in _backend_findings(groups)]
     return "\n".join(lines)
 
 

@@ -209,6 +209,30 @@ def test_bench_sweeps_models_and_latents_each_against_its_own_baseline(tmp_path,
         main(["bench", "--model", "sd15", "nosuch"])
 
 
+def test_each_backend_is_timed_against_its_own_model_and_the_report_sets_compiled_against_eager(tmp_path, monkeypatch):
+    """`--backend eager inductor`: both in the same rounds, each speedup over the model its backend ran;
+    the report adds what compiling alone buys and the compiled ranks' speed over the eager model."""
+    from distrifx import bench
+    from distrifx.cli import main
+    from distrifx.report import _speed_section
+
+    walls = {("eager", "eager"): 4.0, ("stale", "eager"): 2.0, ("eager", "inductor"): 5.0, ("stale", "inductor"): 2.5}
+    monkeypatch.setattr(bench, "measure_case", lambda case: _measured(case, [walls[case.mode, case.backend]] * 6))
+    main(["bench", "--model", "sd15-half", "--latent", "64", "--modes", "stale", "--steps", "6",
+          "--backend", "eager", "inductor", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["label"], r["speedup"]) for r in results] == [
+        ("sd15-half 64x64 b1 N=1 eager", 1.0), ("sd15-half 64x64 b1 N=2 stale", 2.0),
+        ("sd15-half 64x64 b1 N=1 eager [inductor]", 1.0), ("sd15-half 64x64 b1 N=2 stale [inductor]", 2.0)]
+    section = _speed_section("both", {"results": results, "command": "distrifx bench", "cpu_count": 2}, None)
+    assert "Rows marked [inductor] are compiled: their baseline is `torch.compile(unet, backend='inductor')`" in section
+    assert "- eager: N=2 stale: 2.00x over one rank" in section
+    assert "- inductor: N=2 stale [inductor]: 2.00x over one rank" in section
+    assert ("- inductor against eager in the same rounds: the compiled model takes 5.000 s per step, the eager model "
+            "4.000 s (0.80x from compiling alone); inductor's 2-rank stale step of 2.500 s is 1.60x the eager "
+            "model's speed.") in section
+
+
 def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
     BenchCase(device="cuda", world_size=8, projected=True)
     with pytest.raises(ConfigError, match="one rank alone"):

@@ -116,20 +116,32 @@ def test_aoti_export_equals_the_unmodified_model(tmp_path):
     assert all(float((out - expected).abs().max()) < 1e-5 for out in outs)
 
 
-def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model, tmp_path):
+@pytest.mark.parametrize("format", ["pt2", "onnx"])
+def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model, tmp_path, format):
+    """bfloat16 crosses the ONNX segments' boundaries too (numpy has no such dtype)."""
     unet, (sample, _), kwargs = model
     options = dict(mode="stale", warmup_steps=1, stale_dtype="bfloat16")
-    distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, **options)
+    distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, format=format,
+                    **options)
     manifest = json.loads((tmp_path / MANIFEST).read_text())
     assert manifest["options"]["stale_dtype"] == "bfloat16"
     starts = [step for step in manifest["ranks"][0]["stale"]["steps"] if step["op"].endswith("_start")]
     assert {step["args"].get("dtype") for step in starts} == {"bfloat16", None}  # GroupNorm stats stay float32
     samples = _samples(sample)
     loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
-    eager = _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, **options),
-                   samples, kwargs)
-    for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
-        assert float((got.sample - want.sample).abs().max()) < 1e-5
+
+    def parallel(stale_dtype):
+        return _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g,
+                                                     **{**options, "stale_dtype": stale_dtype}), samples, kwargs)
+
+    eager, wide = parallel("bfloat16"), parallel(None)
+    for step, ((got, _), (want, _), (unrounded, _)) in enumerate(zip(loaded[0], eager[0], wide[0], strict=True)):
+        error = float((got.sample - want.sample).abs().max())
+        if format == "pt2" or step < 2:  # warm-up and the first stale step
+            assert error < 1e-5
+        else:  # ONNX's float32 differs in the last bits: a value on a bfloat16 rounding boundary can round
+            # the other way, and that grows step by step; it stays well inside what the rounding changes
+            assert error < 0.5 * float((unrounded.sample - want.sample).abs().max())
 
 
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
