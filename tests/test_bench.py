@@ -349,19 +349,34 @@ def test_fidelity_sections_name_the_size_and_the_patch_rows():
     assert "64x64 pixels, patches of 32 rows at N=2. It was trained at 32x32: at 64x64 its images leave" in larger
 
 
+def _speed_result(mode, world, step_s, projected=False, transport=True):
+    """A summarized bench result of the fields the speed findings read."""
+    case = {"mode": mode, "world_size": world, "projected": projected, "transport": transport,
+            "gn_variant": "corrected", "threads": 1, "height": 64}
+    return {"case": case, "label": f"m 64x64 b1 N={world} {mode}", "step_s": step_s, "compute_s": step_s,
+            "step_range_s": [step_s, step_s], "exposed_comm_s": 0.0, "exposed_comm_frac": 0.0,
+            "bytes_sent_per_step": 0, "speedup": 5.0 / step_s}
+
+
 @pytest.mark.parametrize("together_s,expected", [(2.6, "+4% over one rank alone: the two processes share two cores"),
                                                  (2.4, "-4% over one rank alone: no cost of sharing the cores")])
 def test_where_the_rest_goes_explains_a_slowdown_only_when_there_is_one(together_s, expected):
     from distrifx.report import _speed_findings
 
-    def result(mode, world, step_s, projected=False, transport=True):
-        case = {"mode": mode, "world_size": world, "projected": projected, "transport": transport,
-                "gn_variant": "corrected", "threads": 1, "height": 64}
-        return {"case": case, "label": f"m 64x64 b1 N={world} {mode}", "step_s": step_s, "compute_s": step_s,
-                "step_range_s": [step_s, step_s], "exposed_comm_s": 0.0, "exposed_comm_frac": 0.0,
-                "bytes_sent_per_step": 0, "speedup": 5.0 / step_s}
-
-    results = [result("eager", 1, 5.0), result("stale", 2, 2.7), result("stale", 2, 2.5, projected=True),
-               result("stale", 2, together_s, transport=False)]
+    results = [_speed_result("eager", 1, 5.0), _speed_result("stale", 2, 2.7),
+               _speed_result("stale", 2, 2.5, projected=True), _speed_result("stale", 2, together_s, transport=False)]
     (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("Where the rest goes")]
+    assert expected in finding
+
+
+@pytest.mark.parametrize("alone_s,expected", [
+    (2.5, "2.00x speedup over the unmodified model: the bound on this machine without transport"),
+    (2.8, "1.79x speedup over the unmodified model: slower than the two ranks together (2.700 s), so in this run "
+          "the noise exceeds")])
+def test_one_rank_alone_is_called_a_bound_only_when_it_is_one(alone_s, expected):
+    from distrifx.report import _speed_findings
+
+    results = [_speed_result("eager", 1, 5.0), _speed_result("stale", 2, 2.7),
+               _speed_result("stale", 2, alone_s, projected=True)]
+    (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("One stale rank timed alone")]
     assert expected in finding
