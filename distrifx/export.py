@@ -695,7 +695,14 @@ def _load_spec(text: str, what: str) -> TreeSpec:
 
 
 class _OnnxSegment:
-    """One ONNX segment in an onnxruntime session on the CPU: tensors in, tensors out."""
+    """One ONNX segment in an onnxruntime session on the CPU: tensors in, tensors out.
+
+    Tensors pass as numpy arrays, the cheapest call (about 40 us a call here, against about 90 us
+    through an IO binding); a segment with a tensor numpy has no dtype for (bfloat16 stale state)
+    binds them through DLPack instead.
+    """
+
+    NUMPY_LESS = frozenset({"tensor(bfloat16)"})
 
     def __init__(self, path: Path, inputs: list[str], outputs: list[str]) -> None:
         import onnxruntime as ort
@@ -706,13 +713,20 @@ class _OnnxSegment:
         options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.inputs, self.outputs = inputs, outputs
+        args = (*self.session.get_inputs(), *self.session.get_outputs())
+        self.bound = any(arg.type in self.NUMPY_LESS for arg in args)
 
     def __call__(self, *values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Bind tensors through DLPack, not numpy: no copies, and dtypes numpy lacks (bfloat16) pass."""
+        feeds = [v.detach().contiguous() for v in values]  # alive until the run ends
+        if self.bound:
+            return self._run_bound(feeds)
+        arrays = {name: v.numpy() for name, v in zip(self.inputs, feeds, strict=True)}
+        return tuple(torch.from_numpy(a) for a in self.session.run(self.outputs, arrays))
+
+    def _run_bound(self, feeds: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         from onnxruntime import OrtValue
 
         binding = self.session.io_binding()
-        feeds = [v.detach().contiguous() for v in values]  # alive until the run ends
         for name, value in zip(self.inputs, feeds, strict=True):
             binding.bind_ortvalue_input(name, OrtValue.from_dlpack(value))
         for name in self.outputs:
