@@ -137,10 +137,11 @@ def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model
     eager, wide = parallel("bfloat16"), parallel(None)
     for step, ((got, _), (want, _), (unrounded, _)) in enumerate(zip(loaded[0], eager[0], wide[0], strict=True)):
         error = float((got.sample - want.sample).abs().max())
-        if format == "pt2" or step < 2:  # warm-up and the first stale step
+        if format == "pt2" or step == 0:  # every step, or the synchronous warm-up step
             assert error < 1e-5
-        else:  # ONNX's float32 differs in the last bits: a value on a bfloat16 rounding boundary can round
-            # the other way, and that grows step by step; it stays well inside what the rounding changes
+        else:  # ONNX's float32 differs in the last bits (which bits depends on the CPU's kernels), so from the
+            # first stale step on, a value on a bfloat16 rounding boundary can round the other way; it stays
+            # well inside what the rounding changes (measured 1.0e-4 against 1.2e-3 at the first stale step)
             assert error < 0.5 * float((unrounded.sample - want.sample).abs().max())
 
 
