@@ -157,6 +157,7 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
     import torch.distributed as dist
 
     import distrifx
+    from distrifx.backends.torch_compile import compile_module
     from distrifx.models import random_unet
     from distrifx.runtime.comm import TimingCommunicator
 
@@ -172,7 +173,7 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
     elif not case.transport:
         group = TimingCommunicator(dist.get_rank(), case.world_size, 60.0)
     if case.mode == "eager":
-        model = unet if case.backend == "eager" else torch.compile(unet, backend=case.backend, dynamic=False)
+        model = unet if case.backend == "eager" else compile_module(unet, case.backend)
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
                                   gn_variant=case.gn_variant, stale_dtype=case.stale_dtype, cfg_parallel=False,

@@ -150,10 +150,18 @@ def _model_line(results: list[dict[str, Any]]) -> str:
 def _compiled(results: list[dict[str, Any]]) -> str:
     """What the rows of each compiled backend ran, marked ``[backend]`` in their labels."""
     return "".join(
-        f" Rows marked [{backend}] are compiled: their baseline is `torch.compile(unet, backend={backend!r})`, each "
+        f" Rows marked [{backend}] are compiled: their baseline is {_compile_call(backend)}, each "
         f"rank's graphs run with `backend={backend!r}` (compiled segments between collectives); the first call of "
         "each phase compiles and is not timed."
         for backend in _by_backend(results) if backend != "eager")
+
+
+def _compile_call(backend: str) -> str:
+    """How ``distrifx.backends.torch_compile.compile_module`` compiles the baseline for ``backend``."""
+    from distrifx.backends.torch_compile import CPU_INDUCTOR_OPTIONS
+
+    frozen = f" with inductor config `{CPU_INDUCTOR_OPTIONS!r}` on the CPU" if backend == "inductor" else ""
+    return f"`torch.compile(unet, backend={backend!r})`{frozen}"
 
 
 def _where(case: dict[str, Any]) -> str:

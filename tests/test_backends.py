@@ -11,6 +11,7 @@ from torch._dynamo.eval_frame import OptimizedModule
 
 import distrifx
 from distrifx.backends import apply_backend, is_collective, is_segment, segments, split_segments
+from distrifx.backends.torch_compile import CPU_INDUCTOR_OPTIONS, compile_module
 from distrifx.capture import capture
 from distrifx.config import Backend, ParallelConfig
 from distrifx.models import random_unet, unet_inputs
@@ -93,8 +94,21 @@ def test_inductor_compiles_only_the_segments_and_keeps_the_collective_order(stal
     assert collective_order(compiled) == collective_order(gm)
     compiled_segments = [compiled.get_submodule(str(n.target)) for n in compiled.graph.nodes if is_segment(n)]
     assert len(compiled_segments) == _compute_runs(gm)
-    assert all(isinstance(s, OptimizedModule) for s in compiled_segments)
+    assert all(isinstance(s.compiled, OptimizedModule) for s in compiled_segments)
+    assert all(s.options == CPU_INDUCTOR_OPTIONS for s in compiled_segments)
     assert apply_backend(gm, Backend.EAGER) is gm
+
+
+@pytest.mark.parametrize("layer", [torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Linear(4, 4)], ids=["conv", "linear"])
+def test_inductor_freezes_the_weights_it_compiles(layer):
+    """Dynamo must see ``freezing`` when it traces: the weights become constants of the compiled code."""
+    x = torch.randn(1, 4, 8, 8) if isinstance(layer, torch.nn.Conv2d) else torch.randn(2, 4)
+    compiled = compile_module(layer, "inductor")
+    with torch.no_grad():
+        first = compiled(x)
+        layer.weight.mul_(2)
+        assert not torch.equal(layer(x), first)
+        assert torch.equal(compiled(x), first)  # folded on the first call: later weight changes do not reach it
 
 
 def test_inductor_backend_equals_eager_in_sync_mode_on_gloo_ranks():

@@ -225,7 +225,8 @@ def test_each_backend_is_timed_against_its_own_model_and_the_report_sets_compile
         ("sd15-half 64x64 b1 N=1 eager", 1.0), ("sd15-half 64x64 b1 N=2 stale", 2.0),
         ("sd15-half 64x64 b1 N=1 eager [inductor]", 1.0), ("sd15-half 64x64 b1 N=2 stale [inductor]", 2.0)]
     section = _speed_section("both", {"results": results, "command": "distrifx bench", "cpu_count": 2}, None)
-    assert "Rows marked [inductor] are compiled: their baseline is `torch.compile(unet, backend='inductor')`" in section
+    assert ("Rows marked [inductor] are compiled: their baseline is "
+            "`torch.compile(unet, backend='inductor')` with inductor config `{'freezing': True}` on the CPU") in section
     assert "- eager: N=2 stale: 2.00x over one rank" in section
     assert "- inductor: N=2 stale [inductor]: 2.00x over one rank" in section
     assert ("- inductor against eager in the same rounds: the compiled model takes 5.000 s per step, the eager model "
@@ -253,9 +254,10 @@ def test_a_compiled_bench_compiles_the_baseline_and_the_ranks_alike_and_skips_co
     _, pmodel, sample, kwargs, timesteps = build_case(case)
     graph = pmodel.program(sample, timesteps[0], **kwargs).graphs["stale"]  # lazy: nothing compiles until called
     segments = [graph.get_submodule(str(n.target)) for n in graph.graph.nodes if is_segment(n)]
-    assert segments and all(isinstance(s, OptimizedModule) for s in segments)
     baseline = replace(case, mode="eager", world_size=1, projected=False)
-    assert isinstance(build_case(baseline)[0], OptimizedModule)
+    model = build_case(baseline)[0]
+    assert isinstance(model.compiled, OptimizedModule) and model.options == {"freezing": True}
+    assert segments and all(type(s) is type(model) and s.options == model.options for s in segments)
     key = asdict(baseline)
     assert _baseline_key(key) != _baseline_key({**key, "backend": "eager"})  # compared with the compiled model
     assert case.label == "sd15 16x16 b1 N=2 stale [inductor] (one rank timed alone)"
