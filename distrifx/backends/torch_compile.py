@@ -11,6 +11,7 @@ never change under a compiled segment.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -26,6 +27,9 @@ __all__ = ["compile_segments", "compile_module", "CPU_INDUCTOR_OPTIONS"]
 # compiled graph keeps its own frozen copy, so it costs memory: a rank's warm-up and stale graphs
 # hold two. Not used on GPUs, where it has not been measured.
 CPU_INDUCTOR_OPTIONS = {"freezing": True}
+
+# Inductor's config is global to the process: ranks simulated as threads would undo each other's patch.
+_PATCH_LOCK = threading.Lock()
 
 
 class _FrozenOnCPU(torch.nn.Module):
@@ -45,7 +49,7 @@ class _FrozenOnCPU(torch.nn.Module):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is not None and first.device.type != "cpu":
             return self.compiled(*args, **kwargs)
-        with inductor_config.patch(self.options):
+        with _PATCH_LOCK, inductor_config.patch(self.options):
             return self.compiled(*args, **kwargs)
 
 
