@@ -158,9 +158,10 @@ def _compiled(results: list[dict[str, Any]]) -> str:
 
 def _compile_call(backend: str) -> str:
     """How ``distrifx.backends.torch_compile.compile_module`` compiles the baseline for ``backend``."""
-    from distrifx.backends.torch_compile import CPU_INDUCTOR_OPTIONS
+    from distrifx.backends.torch_compile import cpu_options
 
-    frozen = f" with inductor config `{CPU_INDUCTOR_OPTIONS!r}` on the CPU" if backend == "inductor" else ""
+    options = cpu_options(backend)
+    frozen = f" with inductor config `{options!r}` on the CPU" if options else ""
     return f"`torch.compile(unet, backend={backend!r})`{frozen}"
 
 

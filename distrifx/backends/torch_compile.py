@@ -19,7 +19,7 @@ from torch.fx import GraphModule
 
 from distrifx.backends.segments import segments, split_segments
 
-__all__ = ["compile_segments", "compile_module", "CPU_INDUCTOR_OPTIONS"]
+__all__ = ["compile_segments", "compile_module", "cpu_options", "CPU_INDUCTOR_OPTIONS"]
 
 # Inference only, so on a CPU inductor may freeze the weights: it folds them as constants and
 # repacks convolution weights into oneDNN's blocked layout once, instead of on every call (on this
@@ -53,13 +53,19 @@ class _FrozenOnCPU(torch.nn.Module):
             return self.compiled(*args, **kwargs)
 
 
+def cpu_options(backend: str) -> dict[str, Any]:
+    """The inductor config :func:`compile_module` runs ``backend`` under on a CPU (empty: none)."""
+    return CPU_INDUCTOR_OPTIONS if backend == "inductor" else {}
+
+
 def compile_module(module: torch.nn.Module, backend: str, fullgraph: bool = False) -> torch.nn.Module:
     """``torch.compile(module, backend=backend)`` for fixed shapes; inductor on a CPU freezes the weights.
 
     The one way distrifx compiles: per-rank segments and the baseline ``distrifx bench`` times them against.
     """
     compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=False)
-    return _FrozenOnCPU(compiled, CPU_INDUCTOR_OPTIONS) if backend == "inductor" else compiled
+    options = cpu_options(backend)
+    return _FrozenOnCPU(compiled, options) if options else compiled
 
 
 def compile_segments(gm: GraphModule, backend: str = "inductor") -> GraphModule:
