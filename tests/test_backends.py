@@ -99,18 +99,35 @@ def test_inductor_compiles_only_the_segments_and_keeps_the_collective_order(stal
     assert apply_backend(gm, Backend.EAGER) is gm
 
 
+def test_only_the_steady_phase_freezes_its_weights():
+    """A frozen graph holds its own copy of the weights: warm-up, a few steps, keeps them live."""
+    unet = random_unet("sd15", **export_workers.ONE_LEVEL_SD15)
+    args, kwargs = unet_inputs(unet)
+    config = ParallelConfig(world_size=2, mode="stale", warmup_steps=1, backend="inductor")
+    program = build_program(capture(unet, args, kwargs), config, 0, "UNet")  # lazy: nothing compiles
+
+    def frozen(phase: str) -> set[bool]:
+        split = program.graphs[phase]
+        return {split.get_submodule(str(n.target)).__class__.__name__ == "_FrozenOnCPU"
+                for n in split.graph.nodes if is_segment(n)}
+
+    assert frozen("warmup") == {False} and frozen("stale") == {True}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_inductor_freezes_the_weights_it_compiles(kind):
+def test_inductor_freezes_the_weights_it_compiles(kind, freeze):
     """Dynamo must see ``freezing`` when it traces: the weights become constants of the compiled code."""
     torch.manual_seed(0)
     layer, x = {"conv": (torch.nn.Conv2d(4, 8, 3, padding=1), torch.randn(1, 4, 8, 8)),
                 "linear": (torch.nn.Linear(4, 4), torch.randn(2, 4))}[kind]
-    compiled = compile_module(layer, "inductor")
+    compiled = compile_module(layer, "inductor", freeze=freeze)
     with torch.no_grad():
         first = compiled(x)
         layer.weight.mul_(2)
         assert not torch.equal(layer(x), first)
-        assert torch.equal(compiled(x), first)  # folded on the first call: later weight changes do not reach it
+        # frozen: folded on the first call, later weight changes do not reach it; unfrozen: they do
+        assert torch.equal(compiled(x), first) is freeze
 
 
 def test_inductor_backend_equals_eager_in_sync_mode_on_gloo_ranks():

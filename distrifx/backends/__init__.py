@@ -15,8 +15,9 @@ from distrifx.errors import ConfigError
 __all__ = ["apply_backend", "split_segments", "segments", "is_segment", "is_collective"]
 
 
-def apply_backend(gm: GraphModule, backend: Backend) -> GraphModule:
-    """The module that runs rank graph ``gm`` under ``backend``; it keeps ``gm.meta``.
+def apply_backend(gm: GraphModule, backend: Backend, freeze: bool = True) -> GraphModule:
+    """The module that runs rank graph ``gm`` under ``backend``; it keeps ``gm.meta``. ``freeze=False``
+    keeps inductor on a CPU from freezing the weights (see :mod:`distrifx.backends.torch_compile`).
 
     Example:
         >>> runnable = apply_backend(gm, Backend.INDUCTOR)                  # doctest: +SKIP
@@ -28,7 +29,7 @@ def apply_backend(gm: GraphModule, backend: Backend) -> GraphModule:
     if backend is Backend.INDUCTOR:
         from distrifx.backends.torch_compile import compile_segments  # imports inductor only when asked for
 
-        return compile_segments(gm, backend="inductor")
+        return compile_segments(gm, backend="inductor", freeze=freeze)
     if backend is Backend.TENSORRT:
         from distrifx.backends import tensorrt
 

@@ -24,8 +24,8 @@ __all__ = ["compile_segments", "compile_module", "cpu_options", "CPU_INDUCTOR_OP
 # Inference only, so on a CPU inductor may freeze the weights: it folds them as constants and
 # repacks convolution weights into oneDNN's blocked layout once, instead of on every call (on this
 # CPU a 640-channel 3x3 convolution at 8x8 takes 1.9 ms prepacked against 3.9 ms in eager). Each
-# compiled graph keeps its own frozen copy, so it costs memory: a rank's warm-up and stale graphs
-# hold two. Not used on GPUs, where it has not been measured.
+# frozen graph keeps its own copy of the weights, so callers freeze only the graph that runs most
+# steps (``freeze=False`` for the others). Not used on GPUs, where it has not been measured.
 CPU_INDUCTOR_OPTIONS = {"freezing": True}
 
 # Inductor's config is global to the process: ranks simulated as threads would undo each other's patch.
@@ -53,23 +53,26 @@ class _FrozenOnCPU(torch.nn.Module):
             return self.compiled(*args, **kwargs)
 
 
-def cpu_options(backend: str) -> dict[str, Any]:
+def cpu_options(backend: str, freeze: bool = True) -> dict[str, Any]:
     """The inductor config :func:`compile_module` runs ``backend`` under on a CPU (empty: none)."""
-    return CPU_INDUCTOR_OPTIONS if backend == "inductor" else {}
+    return CPU_INDUCTOR_OPTIONS if backend == "inductor" and freeze else {}
 
 
-def compile_module(module: torch.nn.Module, backend: str, fullgraph: bool = False) -> torch.nn.Module:
-    """``torch.compile(module, backend=backend)`` for fixed shapes; inductor on a CPU freezes the weights.
+def compile_module(module: torch.nn.Module, backend: str, fullgraph: bool = False,
+                   freeze: bool = True) -> torch.nn.Module:
+    """``torch.compile(module, backend=backend)`` for fixed shapes; inductor on a CPU freezes the
+    weights unless ``freeze`` is False (the weights stay live inputs: no second copy).
 
     The one way distrifx compiles: per-rank segments and the baseline ``distrifx bench`` times them against.
     """
     compiled = torch.compile(module, backend=backend, fullgraph=fullgraph, dynamic=False)
-    options = cpu_options(backend)
+    options = cpu_options(backend, freeze)
     return _FrozenOnCPU(compiled, options) if options else compiled
 
 
-def compile_segments(gm: GraphModule, backend: str = "inductor") -> GraphModule:
-    """``gm`` split into segments, each compiled lazily by the ``torch.compile`` ``backend``; ``gm.meta`` is kept.
+def compile_segments(gm: GraphModule, backend: str = "inductor", freeze: bool = True) -> GraphModule:
+    """``gm`` split into segments, each compiled lazily by the ``torch.compile`` ``backend``
+    (see :func:`compile_module` for ``freeze``); ``gm.meta`` is kept.
 
     Example:
         >>> compiled = compile_segments(program.graphs["sync"])             # doctest: +SKIP
@@ -77,5 +80,5 @@ def compile_segments(gm: GraphModule, backend: str = "inductor") -> GraphModule:
     """
     split = split_segments(gm)
     for name, segment in segments(split):
-        setattr(split, name, compile_module(segment, backend, fullgraph=True))
+        setattr(split, name, compile_module(segment, backend, fullgraph=True, freeze=freeze))
     return split

@@ -100,7 +100,12 @@ class RankProgram:
 
 
 def build_program(captured: CapturedProgram, config: ParallelConfig, rank: int, name: str) -> RankProgram:
-    """Run the pass pipeline for every phase ``config.mode`` needs, for one rank, under ``config.backend``."""
+    """Run the pass pipeline for every phase ``config.mode`` needs, for one rank, under ``config.backend``.
+
+    Only the last phase, the one a generation spends its steps in, may freeze its weights (inductor
+    on a CPU): a frozen graph holds its own copy of them, and warm-up runs a few steps only.
+    """
+    steady = phases_for(config.mode)[-1]
     with captured.lock:
         graphs = {
             phase: build_rank_graph(
@@ -110,6 +115,6 @@ def build_program(captured: CapturedProgram, config: ParallelConfig, rank: int, 
             for phase in phases_for(config.mode)
         }
     return RankProgram(
-        graphs={phase: apply_backend(gm, config.backend) for phase, gm in graphs.items()},
+        graphs={phase: apply_backend(gm, config.backend, freeze=phase == steady) for phase, gm in graphs.items()},
         out_spec=captured.out_spec,
     )
