@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     fid = sub.add_parser("fidelity", help="PSNR/SSIM of stale and naive patches against one device",
                          description="On the trained default model: every configuration's image against the "
-                                     "single-device image, per seed; writes a table, JSON and a figure.")
+                                     "single-device image, per seed, with sync mode (exact but for the order of "
+                                     "floating-point sums) and naive patches as the two bounds; writes a table, "
+                                     "JSON and a figure.")
     fid.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     fid.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4], help="stale warm-up steps to sweep")
     fid.add_argument("--gn-variants", nargs="+", default=GN_VARIANTS, choices=GN_VARIANTS)
@@ -419,10 +421,11 @@ def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [FidelityCase(n, "stale", max(args.warmups), v) for v in args.gn_variants if v != "corrected"]
         cases += [FidelityCase(n, "stale", max(args.warmups), stale_dtype=d)
                   for d in _dtype_options(args.stale_dtypes) if d is not None]
-        cases.append(FidelityCase(n, "naive"))
+        cases += [FidelityCase(n, "sync"), FidelityCase(n, "naive")]  # sync: the floor of arithmetic differences
     rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
     _write_outputs(args.out, "distrifx " + " ".join(argv), rows, fidelity_table(rows), "\n![images](images.png)\n")
-    fidelity_figure({k: v for k, v in images.items() if "GN" not in k or "corrected" in k}, rows, args.out / "images.png")
+    shown = {case.label for case in cases if case.mode != "sync" and case.gn_variant == "corrected"}
+    fidelity_figure({k: v for k, v in images.items() if k == "reference" or k in shown}, rows, args.out / "images.png")
     return 0
 
 

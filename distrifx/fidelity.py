@@ -95,15 +95,16 @@ def fidelity_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, Any]], path: Any) -> None:
-    """A grid: one row per seed, the reference then each configuration, PSNR in the titles."""
+def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, Any]], path: Any,
+                    max_seeds: int = 8) -> None:
+    """A grid: one row per seed (the first ``max_seeds``), the reference then each configuration, PSNR in the titles."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     labels = list(images)
-    seeds = len(images["reference"])
+    seeds = min(len(images["reference"]), max_seeds)
     fig, axes = plt.subplots(seeds, len(labels), figsize=(2.2 * len(labels), 2.4 * seeds), squeeze=False)
     for s in range(seeds):
         for c, label in enumerate(labels):

@@ -8,6 +8,8 @@ and whether each target is met; it is computed from the results, never written b
 
 from __future__ import annotations
 
+import math
+import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,9 @@ def _gpu_argv(latent: int) -> tuple[str, ...]:
 
 
 SEEDS = tuple(str(seed) for seed in range(8))  # the fidelity sections' seeds
+# The target's section: one seed's gap over naive ranges over about 25 dB (standard deviation about
+# 6 dB), so the mean of eight is uncertain by about 2 dB (its standard error); thirty-two halve that.
+TARGET_SEEDS = tuple(str(seed) for seed in range(32))
 
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -58,9 +63,8 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # Where the one-rank-alone bound of the target's configuration loses against 2x, op by op.
         "profile-sd15-half-64": ("profile", "--model", "sd15-half", "--latent", "64", "--world-size", "2", "--steps",
                                  "4"),
-        # Eight seeds: a single image's PSNR varies by several dB from seed to seed.
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
-                     "bfloat16", "--seeds", *SEEDS, "--size", "32", "--steps", "20"),
+                     "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
@@ -374,20 +378,24 @@ def _profile_section(key: str, record: dict[str, Any]) -> str:
 
 
 def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
-    """Per world size: the default stale configuration, the best one and the best fully asynchronous
-    one (corrected GroupNorm) against naive, paired by seed (the same prompt and initial noise), and
-    the target."""
+    """Per world size: sync mode's floor of arithmetic differences; the default stale configuration,
+    the best one and the best fully asynchronous one (corrected GroupNorm) against naive, paired by
+    seed (the same prompt and initial noise), with the standard error of the mean gap; the target."""
     from distrifx.fidelity import FidelityCase, psnr_by_seed
 
     def mean(label: str) -> float:
-        values = psnr_by_seed(rows, label).values()
-        return sum(values) / len(values)
+        return statistics.fmean(psnr_by_seed(rows, label).values())
 
     out = []
     for world in sorted({r["world_size"] for r in rows}):
         labels = {r["label"] for r in rows if r["world_size"] == world}
-        naive, default = FidelityCase(world, "naive").label, FidelityCase(world, "stale").label
-        stale = sorted((label for label in labels if label != naive), key=mean)
+        naive, default, exact = (FidelityCase(world, mode).label for mode in ("naive", "stale", "sync"))
+        if exact in labels:
+            values = psnr_by_seed(rows, exact).values()
+            out.append(f"N={world} sync (every exchange fresh: exact but for the order of floating-point sums): "
+                       f"{mean(exact):.1f} dB [{min(values):.1f}, {max(values):.1f}] (identical images count as 99): "
+                       "the part of a stale configuration's difference that is not staleness.")
+        stale = sorted((label for label in labels if label not in (naive, exact)), key=mean)
         if naive not in labels or not stale:
             continue
         floor = psnr_by_seed(rows, naive)
@@ -398,10 +406,12 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
         for label, what in picks.items():
             if label in labels:
                 gaps = [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
-                gap = sum(gaps) / len(gaps)
+                gap = statistics.fmean(gaps)
+                error = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else math.nan
                 reached = sum(g >= FIDELITY_TARGET_DB for g in gaps)
                 out.append(f"N={world}, {what} stale configuration ({label}): {mean(label):.1f} dB against naive "
-                           f"{mean(naive):.1f} dB, {gap:+.1f} dB (per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
+                           f"{mean(naive):.1f} dB, {gap:+.1f} dB, standard error {error:.1f} dB over seeds "
+                           f"(per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
                            f"+{FIDELITY_TARGET_DB:.0f} or more on {reached} of {len(gaps)} seeds); target "
                            f"+{FIDELITY_TARGET_DB:.0f} dB on average {_verdict(gap >= FIDELITY_TARGET_DB)}.")
         for row in {r["label"]: r for r in rows if r["world_size"] == world and r.get("stale_dtype")}.values():

@@ -107,13 +107,17 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     assert profile["rank_s"] == pytest.approx(sum(r["rank_s"] for r in profile["rows"])) and profile["rank_s"] > 0
     assert profile["rank_ops"] > profile["eager_ops"] > 100  # the rank adds exchanges and GroupNorm arithmetic
 
+    fidelity = json.loads((tmp_path / "bench" / "fidelity" / "results.json").read_text())["results"]
+    psnr_db = {r["label"]: r["psnr_db"] for r in fidelity}
+    assert psnr_db["N=2 sync"] > 60 > psnr_db["N=2 stale, warm-up 1, GN corrected"] > psnr_db["N=2 naive"]
+
     page = (tmp_path / "benchmarks.md").read_text()
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
                      "two stale ranks run together with collectives that return at once", "of CPU per step with gloo",
                      "Rows marked *projected* are projections", "## Bytes per step, by exchange", "| kv | 8 |",
                      "## Fidelity on the trained default model: 3 DDIM steps, 32x32 pixels",
                      "patches of 16 rows at N=2.",
-                     "| N=2 naive |", "target +20 dB", "## VAE decoder memory", "No GPU was available",
+                     "| N=2 naive |", "| N=2 sync |", "N=2 sync (every exchange fresh", "target +20 dB", "## VAE decoder memory", "No GPU was available",
                      "bfloat16 stale exchanges: ", "N=2, bfloat16 stale exchanges (N=2 stale, warm-up 1, GN corrected, "
                      "bfloat16 exchanges): ",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
@@ -320,10 +324,22 @@ def test_fidelity_findings_pair_each_seed_with_its_naive_image():
 
     default, best = _fidelity_findings(_fidelity_rows())
     assert default.startswith("N=2, default stale configuration (N=2 stale, warm-up 4, GN corrected): 31.0 dB "
-                              "against naive 12.0 dB, +19.0 dB (per seed +16.0 to +22.0; +20 or more on 1 of 2 seeds)")
+                              "against naive 12.0 dB, +19.0 dB, standard error 3.0 dB over seeds (per seed +16.0 to "
+                              "+22.0; +20 or more on 1 of 2 seeds)")
     assert default.endswith("**not met**.")
     assert "(N=2 stale, warm-up 4, GN sync)" in best and "per seed +22.0 to +89.0" in best
     assert best.endswith("**met**.")
+
+
+def test_fidelity_findings_set_sync_mode_apart_as_the_floor_of_arithmetic_differences():
+    from distrifx.report import _fidelity_findings
+
+    exact = [{"label": "N=2 sync", "world_size": 2, "seed": seed, "psnr_db": value, "ssim": 1.0}
+             for seed, value in ((0, 80.0), (1, float("inf")))]
+    floor, default, best = _fidelity_findings(_fidelity_rows() + exact)
+    assert floor.startswith("N=2 sync (every exchange fresh: exact but for the order of floating-point sums): "
+                            "89.5 dB [80.0, 99.0]")
+    assert "(N=2 stale, warm-up 4, GN sync)" in best  # sync mode is not a stale configuration
 
 
 def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
