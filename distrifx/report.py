@@ -391,9 +391,10 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
         labels = {r["label"] for r in rows if r["world_size"] == world}
         naive, default, exact = (FidelityCase(world, mode).label for mode in ("naive", "stale", "sync"))
         if exact in labels:
-            values = psnr_by_seed(rows, exact).values()
+            values = list(psnr_by_seed(rows, exact).values())
             out.append(f"N={world} sync (every exchange fresh: exact but for the order of floating-point sums): "
-                       f"{mean(exact):.1f} dB [{min(values):.1f}, {max(values):.1f}] (identical images count as 99): "
+                       f"{statistics.fmean(values):.1f} dB [{min(values):.1f}, {max(values):.1f}] (identical images "
+                       "count as 99): "
                        "the part of a stale configuration's difference that is not staleness.")
         stale = sorted((label for label in labels if label not in (naive, exact)), key=mean)
         if naive not in labels or not stale:
