@@ -52,6 +52,7 @@ def parallelize(
     process_group: Any = None,
     timeout_s: float = 300.0,
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
+    extrapolate: float = 0.0,
 ) -> ParallelModule:
     """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
 
@@ -82,6 +83,7 @@ def parallelize(
         backend=backend,
         timeout_s=timeout_s,
         stale_dtype=stale_dtype,
+        extrapolate=extrapolate,
     )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")

@@ -51,6 +51,7 @@ class BenchCase:
     warmup_steps: int = 4
     gn_variant: str = "corrected"  # stale mode's GroupNorm statistics
     stale_dtype: str | None = None  # stale mode's halo rows and K/V travel in this (None: the activations')
+    extrapolate: float = 0.0  # stale mode's halo rows and K/V extrapolated from the last two steps
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
     transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
@@ -75,6 +76,7 @@ class BenchCase:
         kind = " (one rank timed alone)" if self.projected else "" if self.transport else " (no transport)"
         gn = f" GN {self.gn_variant}" if self.mode == "stale" and self.gn_variant != "corrected" else ""
         narrow = f" {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
+        narrow += f" extrapolated {self.extrapolate:g}" if self.mode == "stale" and self.extrapolate else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
                 f"{self.mode}{gn}{narrow}{backend}{kind}")
@@ -176,7 +178,8 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
         model = unet if case.backend == "eager" else compile_module(unet, case.backend)
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
-                                  gn_variant=case.gn_variant, stale_dtype=case.stale_dtype, cfg_parallel=False,
+                                  gn_variant=case.gn_variant, stale_dtype=case.stale_dtype,
+                                  extrapolate=case.extrapolate, cfg_parallel=False,
                                   backend=case.backend, process_group=group)
     return pmodel, pmodel, sample, kwargs, timesteps
 

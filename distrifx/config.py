@@ -92,6 +92,7 @@ class ParallelConfig:
     backend: Backend = Backend.EAGER
     timeout_s: float = 300.0
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges: sent and kept in this
+    extrapolate: float = 0.0  # stale values: last step's + this x (last step's - the one before's)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
@@ -108,6 +109,10 @@ class ParallelConfig:
             problems.append(f"cfg_parallel={self.cfg_parallel!r} must be 'auto', True or False")
         if self.cfg_parallel is True and isinstance(self.world_size, int) and self.world_size % 2:
             problems.append(f"cfg_parallel=True needs an even world_size, got {self.world_size}")
+        if isinstance(self.extrapolate, bool) or not isinstance(self.extrapolate, (int, float)) \
+                or not 0.0 <= self.extrapolate <= 1.0:
+            problems.append(f"extrapolate={self.extrapolate!r} must be a number in [0, 1] (0: the previous "
+                            "step's values as they are)")
         if not self.timeout_s > 0:
             problems.append(f"timeout_s={self.timeout_s!r} must be > 0")
         if problems:

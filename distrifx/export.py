@@ -465,15 +465,16 @@ def export(
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
+    extrapolate: float = 0.0,
     format: Literal["pt2", "aoti", "onnx", "tensorrt"] = "pt2",
     pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
     Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant``,
-    ``kv_exchange``, ``cfg_parallel`` and ``stale_dtype`` are those of :func:`distrifx.parallelize`: with an even
-    batch and world size (and ``cfg_parallel`` not False) each rank's program handles half the
-    batch, patch-parallel over ``world_size / 2`` ranks. The files are specialized to the shapes,
+    ``kv_exchange``, ``cfg_parallel``, ``stale_dtype`` and ``extrapolate`` are those of
+    :func:`distrifx.parallelize`: with an even batch and world size (and ``cfg_parallel`` not False)
+    each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The files are specialized to the shapes,
     dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
     stored in the manifest as the pipeline arguments the call came from (see
     :func:`export_pipeline`). Load the files on each rank with :func:`load`.
@@ -488,7 +489,8 @@ def export(
     kwargs = dict(kwargs or {})
     _check_format(format, tree_flatten((tuple(args), kwargs))[0])
     config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
-                            kv_exchange=kv_exchange, cfg_parallel=cfg_parallel, stale_dtype=stale_dtype)
+                            kv_exchange=kv_exchange, cfg_parallel=cfg_parallel, stale_dtype=stale_dtype,
+                            extrapolate=extrapolate)
     out = Path(out_dir)
     _prepare(out)
     model = model.eval()
@@ -508,7 +510,7 @@ def export(
         "cfg_split": cfg_split,
         "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
                     "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value,
-                    "stale_dtype": dtype_name(config.stale_dtype)},
+                    "stale_dtype": dtype_name(config.stale_dtype), "extrapolate": config.extrapolate},
         "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
         "inputs": _input_signature(model, tuple(args), kwargs),
         "out_spec": treespec_dumps(captured.out_spec),
@@ -1026,7 +1028,8 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
                                 warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
                                 kv_exchange=options["kv_exchange"], cfg_parallel=manifest["cfg_split"],
-                                stale_dtype=options["stale_dtype"], timeout_s=timeout_s)
+                                stale_dtype=options["stale_dtype"], extrapolate=options.get("extrapolate", 0.0),
+                                timeout_s=timeout_s)
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
         out_spec = _load_spec(manifest["out_spec"], "output")
         attributes = _model_attributes(manifest["model"])

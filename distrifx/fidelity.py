@@ -29,12 +29,15 @@ class FidelityCase:
     warmup_steps: int = 4
     gn_variant: str = "corrected"
     stale_dtype: str | None = None
+    extrapolate: float = 0.0
 
     @property
     def label(self) -> str:
-        extra = f", warm-up {self.warmup_steps}, GN {self.gn_variant}" if self.mode == "stale" else ""
-        narrow = f", {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
-        return f"N={self.world_size} {self.mode}{extra}{narrow}"
+        if self.mode != "stale":
+            return f"N={self.world_size} {self.mode}"
+        narrow = f", {self.stale_dtype} exchanges" if self.stale_dtype else ""
+        ahead = f", extrapolated {self.extrapolate:g}" if self.extrapolate else ""
+        return f"N={self.world_size} stale, warm-up {self.warmup_steps}, GN {self.gn_variant}{narrow}{ahead}"
 
 
 def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch.Tensor:
@@ -52,7 +55,8 @@ def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, se
         pipe = pipes[group.rank]
         pipe.unet = distrifx.parallelize(pipe.unet, case.world_size, mode=case.mode, cfg_parallel=False,
                                          warmup_steps=case.warmup_steps, gn_variant=case.gn_variant,
-                                         stale_dtype=case.stale_dtype, process_group=group)
+                                         stale_dtype=case.stale_dtype, extrapolate=case.extrapolate,
+                                         process_group=group)
         return _generate(pipe, prompt, seed, size, steps)
 
     return distrifx.simulate(rank, case.world_size)[0]

@@ -51,6 +51,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                 "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
                                 "--threads", "1", "--project", "2", "--no-transport"),
+        # What extrapolated stale values cost a rank: one elementwise op per exchange, twice the stale buffers.
+        "sd15-half-64-extrapolate": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2",
+                                     "--modes", "stale", "--extrapolations", "0", "0.5", "--steps", "12", "--rounds",
+                                     "3", "--threads", "1"),
         # The same configuration compiled (model and ranks by inductor) beside eager, in the same rounds.
         "sd15-half-64-inductor": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                   "stale", "--steps", "10", "--rounds", "3", "--threads", "1", "--project", "2",
@@ -73,6 +77,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # (a 128-row latent) than the 16 and 8 rows at 32x32.
         "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected", "sync",
                         "--seeds", *SEEDS, "--size", "64", "--steps", "20"),
+        # Stale halo rows and keys/values extrapolated from the last two steps, against the default's last step.
+        "fidelity-extrapolate": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected",
+                                 "--extrapolations", "0.25", "0.5", "--seeds", *TARGET_SEEDS, "--size", "32",
+                                 "--steps", "20"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
         # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
         # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
@@ -87,7 +95,7 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                     "--stale-dtypes", "none", "bfloat16", "--steps", "3", "--warmup-steps", "1", "--project", "2",
                     "--link-gbps", "1", "--no-transport"),
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--stale-dtypes",
-                     "none", "bfloat16", "--seeds", "0", "--size", "32", "--steps", "3"),
+                     "none", "bfloat16", "--extrapolations", "0.5", "--seeds", "0", "--size", "32", "--steps", "3"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
         "profile": ("profile", "--model", "sd15", "--latent", "16", "--world-size", "2", "--warmup-steps", "1",
                     "--steps", "1"),
@@ -128,10 +136,11 @@ def _verdict(met: bool) -> str:
 def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool = False,
           transport: bool = True) -> dict[str, Any] | None:
     """The result of ``mode`` at ``world`` ranks, stale mode with its defaults (corrected GroupNorm,
-    exchanges in the activations' dtype)."""
+    exchanges in the activations' dtype, not extrapolated)."""
     return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
                  and r["case"]["projected"] == projected and r["case"]["transport"] == transport
-                 and r["case"]["gn_variant"] == "corrected" and not r["case"].get("stale_dtype")), None)
+                 and r["case"]["gn_variant"] == "corrected" and not r["case"].get("stale_dtype")
+                 and not r["case"].get("extrapolate")), None)
 
 
 def _rounds(results: list[dict[str, Any]]) -> int:
@@ -220,7 +229,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
             + (f" Measured: the rank's other threads used {stale['background_cpu_s']:.3f} s of CPU per step with gloo, "
                f"{together['background_cpu_s']:.3f} s without transport."
                if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
-    out += _narrow_findings(results, stale)
+    out += _stale_option_findings(results, stale)
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
@@ -241,14 +250,16 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     return out + _published_comparison(results)
 
 
-def _narrow_findings(results: list[dict[str, Any]], wide: dict[str, Any] | None) -> list[str]:
-    """Each 2-rank stale run with narrowed stale exchanges against the default one."""
+def _stale_option_findings(results: list[dict[str, Any]], wide: dict[str, Any] | None) -> list[str]:
+    """Each 2-rank stale run with narrowed or extrapolated stale exchanges against the default one."""
     out = []
     for r in results:
         c = r["case"]
-        if wide and c.get("stale_dtype") and c["world_size"] == 2 and c["transport"] and not c["projected"]:
+        variant = (f"{c['stale_dtype']} stale exchanges" if c.get("stale_dtype") else
+                   f"stale values extrapolated by {c['extrapolate']:g}" if c.get("extrapolate") else None)
+        if wide and variant and c["world_size"] == 2 and c["transport"] and not c["projected"]:
             out.append(
-                f"{c['stale_dtype']} stale exchanges: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
+                f"{variant}: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
                 f"{r['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step (against "
                 f"{wide['bytes_sent_per_step'] / 2**20:.1f}), stale buffers {r['state_bytes'] / 2**20:.1f} MiB "
                 f"(against {wide['state_bytes'] / 2**20:.1f}); the rank's other threads used "
@@ -399,28 +410,55 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
         stale = sorted((label for label in labels if label not in (naive, exact)), key=mean)
         if naive not in labels or not stale:
             continue
-        floor = psnr_by_seed(rows, naive)
         corrected = [label for label in stale if label.endswith("GN corrected")]
         picks = {default: "default", stale[-1]: "best"}
         if corrected:  # without GN sync's blocking exchanges: every exchange overlaps compute
             picks.setdefault(corrected[-1], "best fully asynchronous")
         for label, what in picks.items():
             if label in labels:
-                gaps = [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
+                gaps = _gaps(rows, label, naive)
                 gap = statistics.fmean(gaps)
-                error = statistics.stdev(gaps) / math.sqrt(len(gaps)) if len(gaps) > 1 else math.nan
                 reached = sum(g >= FIDELITY_TARGET_DB for g in gaps)
                 out.append(f"N={world}, {what} stale configuration ({label}): {mean(label):.1f} dB against naive "
-                           f"{mean(naive):.1f} dB, {gap:+.1f} dB, standard error {error:.1f} dB over seeds "
-                           f"(per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
+                           f"{mean(naive):.1f} dB, {gap:+.1f} dB, standard error {_standard_error(gaps):.1f} dB over "
+                           f"seeds (per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
                            f"+{FIDELITY_TARGET_DB:.0f} or more on {reached} of {len(gaps)} seeds); target "
                            f"+{FIDELITY_TARGET_DB:.0f} dB on average {_verdict(gap >= FIDELITY_TARGET_DB)}.")
-        for row in {r["label"]: r for r in rows if r["world_size"] == world and r.get("stale_dtype")}.values():
-            wide = FidelityCase(world, "stale", row["warmup_steps"], row["gn_variant"]).label
-            if wide in labels:
-                out.append(f"N={world}, {row['stale_dtype']} stale exchanges ({row['label']}): {mean(row['label']):.1f} "
-                           f"dB against {mean(wide):.1f} dB with exchanges in the activations' dtype "
-                           f"({mean(row['label']) - mean(wide):+.2f} dB).")
+        out += _variant_findings(rows, world, labels)
+    return out
+
+
+def _gaps(rows: list[dict[str, Any]], label: str, base: str) -> list[float]:
+    """Per seed (the same prompt and initial noise), configuration ``label``'s PSNR minus ``base``'s."""
+    from distrifx.fidelity import psnr_by_seed
+
+    floor = psnr_by_seed(rows, base)
+    return [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
+
+
+def _standard_error(values: list[float]) -> float:
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+
+
+def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
+    """Each narrow-dtype or extrapolated stale configuration against the same one without it, paired by seed."""
+    from distrifx.fidelity import FidelityCase, psnr_by_seed
+
+    out = []
+    for row in {r["label"]: r for r in rows if r["world_size"] == world
+                and (r.get("stale_dtype") or r.get("extrapolate"))}.values():
+        base = FidelityCase(world, "stale", row["warmup_steps"], row["gn_variant"]).label
+        if base not in labels:
+            continue
+        if row.get("stale_dtype"):
+            what, against = f"{row['stale_dtype']} stale exchanges", "exchanges in the activations' dtype"
+        else:
+            what, against = f"stale values extrapolated by {row['extrapolate']:g}", "the last step's values"
+        gaps = _gaps(rows, row["label"], base)
+        out.append(f"N={world}, {what} ({row['label']}): "
+                   f"{statistics.fmean(psnr_by_seed(rows, row['label']).values()):.1f} dB, "
+                   f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error {_standard_error(gaps):.2f} "
+                   f"dB over seeds; better on {sum(g > 0 for g in gaps)} of {len(gaps)}).")
     return out
 
 
@@ -433,11 +471,17 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
     beyond = (f" It was trained at {trained}x{trained}: at {size}x{size} its images leave the training "
               "distribution (see the figure) but remain a real denoising trajectory of the same network."
               if size != trained else "")
-    lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps, {size}x{size} pixels", "",
+    extrapolated = any(r.get("extrapolate") for r in rows)
+    title = ", extrapolated stale values" if extrapolated else ""
+    ahead = (" Configurations marked *extrapolated λ* read their neighbours' halo rows and keys/values as the last "
+             "step's plus λ times their change since the step before (`extrapolate=λ`, docs/architecture.md); the "
+             "others read the last step's." if extrapolated else "")
+    lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps, {size}x{size} pixels{title}",
+             "",
              f"The default model (`distrifx/assets/default_model`, trained here on procedural shapes) at "
              f"{size}x{size} pixels, patches of {patches}.{beyond} PSNR/SSIM (torchmetrics) of each configuration's "
              "image against the single-device image of the same seed and prompt. Ranks are simulated in one process "
-             "(the arithmetic is the one real ranks do).", "",
+             f"(the arithmetic is the one real ranks do).{ahead}", "",
              f"```bash\n{record['command']}\n```", "", fidelity_table(rows), "", f"![fidelity](bench/{key}/images.png)",
              ""]
     lines += [f"- {finding}" for finding in _fidelity_findings(rows)]

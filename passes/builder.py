@@ -17,7 +17,8 @@ from distrifx.passes.manager import PassContext, Phase
 from distrifx.passes.spec import Placement, Shard
 from distrifx.runtime import ops
 
-__all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes", "wire_dtype"]
+__all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes", "wire_dtype",
+           "older"]
 
 META_ORIGIN = "distrifx.origin"
 aten = torch.ops.aten
@@ -66,6 +67,7 @@ def is_carried(kind: str, ctx: PassContext) -> bool:
 # Exchanges whose stale values may travel and be kept in ``PassContext.stale_dtype``. GroupNorm
 # statistics stay float32: they are a few bytes, and E[x^2] - E[x]^2 would lose its digits.
 NARROWABLE = ("halo", "kv")
+EXTRAPOLATED = ("halo", "kv")
 
 
 def wire_dtype(kind: str, ctx: PassContext, dtype: torch.dtype | None) -> torch.dtype | None:
@@ -75,6 +77,11 @@ def wire_dtype(kind: str, ctx: PassContext, dtype: torch.dtype | None) -> torch.
     if wire is None or kind not in NARROWABLE or dtype is None or not dtype.is_floating_point:
         return None
     return wire if wire.itemsize < dtype.itemsize else None
+
+
+def older(name: str) -> str:
+    """The state name of carried exchange ``name``'s value one step before the last (extrapolation)."""
+    return f"{name}@older"
 
 
 def gather_bytes(global_value: torch.Tensor, world_size: int) -> int:
@@ -188,7 +195,9 @@ class Builder:
         step's result (a new graph input) and the fresh one becomes a graph output; in NONE form
         both are None. ``nbytes`` is what this rank sends of values of ``dtype``, for the plan.
         A carried exchange of ``ctx.stale_dtype`` keeps its state in that dtype; its stale form
-        also sends in it, while a synchronous (warm-up) exchange stays exact.
+        also sends in it, while a synchronous (warm-up) exchange stays exact. With
+        ``ctx.extrapolate`` the stale form also reads the value of the step before (state
+        ``older(name)``, kept by the runtime) and returns ``last + extrapolate * (last - older)``.
         """
         form = form_for(kind, self.ctx)
         carried = form is not Form.NONE and is_carried(kind, self.ctx)
@@ -212,8 +221,16 @@ class Builder:
             return result, None
         sent = {} if wire is None else {"dtype": dtype_name(wire)}
         self.state_out[name] = self.call(ops.wait, (self.call(start, (self.comm, *args), sent),))
-        self.state_in[name] = self.placeholder(f"stale_{name}")
-        return None, self.state_in[name] if wire is None else self._cast(self.state_in[name], dtype)
+        stale = self._stale_input(name, f"stale_{name}", dtype if wire is not None else None)
+        if self.ctx.extrapolate and kind in EXTRAPOLATED:
+            older_value = self._stale_input(older(name), f"older_{name}", dtype if wire is not None else None)
+            stale = self.call(aten.lerp.Scalar, (older_value, stale, 1.0 + self.ctx.extrapolate))
+        return None, stale
+
+    def _stale_input(self, key: str, label: str, dtype: torch.dtype | None) -> Node:
+        """Carried state ``key`` as a graph input named ``label`` (cast to ``dtype`` if kept narrower)."""
+        self.state_in[key] = self.placeholder(label)
+        return self.state_in[key] if dtype is None else self._cast(self.state_in[key], dtype)
 
     def _cast(self, x: Node, dtype: torch.dtype) -> Node:
         return self.call(aten._to_copy.default, (x,), {"dtype": dtype})

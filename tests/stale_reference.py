@@ -6,7 +6,9 @@ process, each on its row patch. At a stale step, rank r's layer sees its own fre
 *previous step's* values of the other ranks (conv halo rows, keys/values, GroupNorm statistics,
 combined with the E[x], E[x^2] correction of the design). Warm-up steps run the full model and
 record every rank's slice of each layer. With ``stale_dtype``, the halo rows and keys/values a
-rank reads from the previous step are rounded to it (GroupNorm statistics are not).
+rank reads from the previous step are rounded to it (GroupNorm statistics are not). With
+``extrapolate``, a rank reads halo rows and keys/values as ``last + extrapolate * (last - older)``
+from the last two steps' values (GroupNorm statistics as they are).
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from torch import nn
 
 class StaleReference:
     def __init__(self, model: nn.Module, world_size: int, warmup_steps: int,
-                 stale_dtype: torch.dtype | None = None) -> None:
+                 stale_dtype: torch.dtype | None = None, extrapolate: float = 0.0) -> None:
         self.model = copy.deepcopy(model).eval()
-        self.n, self.warmup, self.stale_dtype = world_size, warmup_steps, stale_dtype
+        self.n, self.warmup, self.stale_dtype, self.extrapolate = world_size, warmup_steps, stale_dtype, extrapolate
         self.norms: set[str] = set()  # GroupNorm layers: their statistics are never rounded
         self.step = 0
         self.rank: int | None = None  # None: full (synchronous) run
-        self.prev: dict[tuple[str, int], object] = {}  # (layer, rank) -> last step's value
+        self.prev: dict[tuple[str, int], object] = {}  # (layer, rank) -> what a stale step reads of it
+        self.last: dict[tuple[str, int], object] = {}  # (layer, rank) -> last step's value
         self.fresh: dict[tuple[str, int], object] = {}
         self.latent: torch.Tensor | None = None
         for name, module in self.model.named_modules():
@@ -107,9 +110,18 @@ class StaleReference:
                 self.rank = r
                 outs.append(self.model(patch, *args, **kwargs).sample)
             out = torch.cat(outs, 2)
-        self.prev = {key: self._narrow(key[0], value) for key, value in self.fresh.items()}
+        last = {key: self._narrow(key[0], value) for key, value in self.fresh.items()}
+        self.prev = {key: self._ahead(key[0], value, self.last.get(key, value)) for key, value in last.items()}
+        self.last = last
         self.step += 1
         return out
+
+    def _ahead(self, layer: str, value, older):
+        if not self.extrapolate or layer in self.norms:
+            return value
+        if isinstance(value, tuple):
+            return tuple(self._ahead(layer, v, o) for v, o in zip(value, older))
+        return value + self.extrapolate * (value - older)
 
     def _narrow(self, layer: str, value):
         if self.stale_dtype is None or layer in self.norms:

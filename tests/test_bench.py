@@ -119,11 +119,13 @@ def test_report_runs_every_section_end_to_end(tmp_path):
                      "patches of 16 rows at N=2.",
                      "| N=2 naive |", "| N=2 sync |", "N=2 sync (every exchange fresh", "target +20 dB", "## VAE decoder memory", "No GPU was available",
                      "bfloat16 stale exchanges: ", "N=2, bfloat16 stale exchanges (N=2 stale, warm-up 1, GN corrected, "
-                     "bfloat16 exchanges): ",
+                     "bfloat16 exchanges): ", "N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 1, GN "
+                     "corrected, extrapolated 0.5): ",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
                      "aten ops per step against the unmodified model's",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --stale-dtypes none "
-                     f"bfloat16 --seeds 0 --size 32 --steps 3 --out {tmp_path / 'bench' / 'fidelity'}"):
+                     f"bfloat16 --extrapolations 0.5 --seeds 0 --size 32 --steps 3 --out "
+                     f"{tmp_path / 'bench' / 'fidelity'}"):
         assert expected in page, expected
 
     stamps = {p: p.stat().st_mtime for p in (tmp_path / "bench").glob("*/results.json")}
@@ -354,6 +356,22 @@ def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
     assert "(N=2 stale, warm-up 8, GN corrected): 34.0 dB against naive 12.0 dB, +22.0 dB" in findings[2]
 
 
+def test_fidelity_findings_compare_an_extrapolated_configuration_with_the_same_one_without():
+    from distrifx.report import _fidelity_findings, _fidelity_section
+
+    ahead = [{"label": "N=2 stale, warm-up 4, GN corrected, extrapolated 0.5", "world_size": 2, "seed": seed,
+              "psnr_db": value, "ssim": 0.9, "warmup_steps": 4, "gn_variant": "corrected", "extrapolate": 0.5}
+             for seed, value in ((0, 35.0), (1, 29.0))]
+    findings = _fidelity_findings(_fidelity_rows() + ahead)
+    assert findings[-1] == ("N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 4, GN corrected, extrapolated "
+                            "0.5): 32.0 dB, +1.00 dB against the last step's values (standard error 2.00 dB over "
+                            "seeds; better on 1 of 2).")
+    section = _fidelity_section("f", {"command": "distrifx fidelity",
+                                      "results": [{**r, "size": 32, "steps": 20} for r in _fidelity_rows() + ahead]})
+    assert section.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels, extrapolated "
+                              "stale values\n")
+
+
 def test_fidelity_sections_name_the_size_and_the_patch_rows():
     from distrifx.report import _fidelity_section
 
@@ -398,3 +416,21 @@ def test_one_rank_alone_is_called_a_bound_only_when_it_is_one(alone_s, expected)
                _speed_result("stale", 2, alone_s, projected=True)]
     (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("One stale rank timed alone")]
     assert expected in finding
+
+
+def test_stale_option_findings_compare_each_option_with_the_default_stale_run():
+    from distrifx.report import _stale_option_findings
+
+    def run(step_s, state_mib, **options):
+        result = _speed_result("stale", 2, step_s)
+        result["case"].update(options)
+        return {**result, "bytes_sent_per_step": 2**20, "state_bytes": state_mib * 2**20, "background_cpu_s": 0.01}
+
+    default = run(2.5, 48)
+    findings = _stale_option_findings([default, run(2.6, 96, extrapolate=0.5), run(2.5, 24, stale_dtype="bfloat16"),
+                                       run(2.6, 96, extrapolate=0.5, projected=True)], default)
+    assert findings == [
+        "stale values extrapolated by 0.5: 1.92x against 2.00x; 1.0 MiB sent per rank per step (against 1.0), stale "
+        "buffers 96.0 MiB (against 48.0); the rank's other threads used 0.010 s of CPU per step (against 0.010).",
+        "bfloat16 stale exchanges: 2.00x against 2.00x; 1.0 MiB sent per rank per step (against 1.0), stale buffers "
+        "24.0 MiB (against 48.0); the rank's other threads used 0.010 s of CPU per step (against 0.010)."]

@@ -32,7 +32,7 @@ def test_generate_on_the_embedded_default_writes_a_png(tmp_path):
     out = tmp_path / "image.png"
     stdout = _distrifx("generate", "--prompt", "red circle", "--world-size", "2", "--steps", "6",
                        "--warmup-steps", "2", "--cfg-parallel", "off", "--height", "64", "--width", "64",
-                       "--threads-per-rank", "1", "--out", str(out))
+                       "--extrapolate", "0.5", "--threads-per-rank", "1", "--out", str(out))
     assert f"wrote {out} (64x64) with 2 rank(s), mode=stale" in stdout
     image = Image.open(out)
     assert image.size == (64, 64) and image.mode == "RGB"
@@ -79,6 +79,7 @@ def test_generate_runs_compiled_engines_and_equals_one_device(engines, tmp_path,
     (["--guidance-scale", "1.0"], r"--guidance-scale 1.0 \(compiled: 3.0; classifier-free guidance on"),
     (["--mode", "stale", "--world-size", "4"], r"--world-size 4 \(compiled: 2\); --mode stale \(compiled: sync\)"),
     (["--stale-dtype", "bfloat16"], r"--stale-dtype bfloat16 \(compiled: None\)"),
+    (["--extrapolate", "0.5"], r"--extrapolate 0.5 \(compiled: 0.0\)"),
 ])
 def test_generate_refuses_options_the_engines_were_not_compiled_for(engines, options, message):
     with pytest.raises(SystemExit, match=f"was compiled for height=32, width=32, guidance_scale=3.0, world size 2, "

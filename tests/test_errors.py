@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -37,10 +39,12 @@ def test_world_size_differs_from_simulated_group():
         ({"backend": "tvm"}, "backend='tvm' is not valid; choose one of 'eager', 'inductor', 'tensorrt'"),
         ({"stale_dtype": "int8"}, "stale_dtype='int8' is not valid; choose None (the activations' dtype) or one of "
                                   "'bfloat16', 'float16'"),
+        ({"extrapolate": 1.5}, "extrapolate=1.5 must be a number in [0, 1]"),
+        ({"extrapolate": True}, "extrapolate=True must be a number in [0, 1]"),
     ],
 )
 def test_invalid_options(options, message):
-    with pytest.raises(distrifx.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(distrifx.ConfigError, match=re.escape(message)):
         distrifx.parallelize(random_unet("sd15"), 2, **options)
 
 

@@ -145,13 +145,34 @@ def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model
             assert error < 0.5 * float((unrounded.sample - want.sample).abs().max())
 
 
+@pytest.mark.parametrize("format", ["pt2", "onnx"])
+def test_extrapolated_stale_export_equals_the_eager_runtime_and_stores_the_option(model, tmp_path, format):
+    unet, (sample, _), kwargs = model
+    options = dict(mode="stale", warmup_steps=1, extrapolate=0.5)
+    distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, format=format,
+                    **options)
+    assert json.loads((tmp_path / MANIFEST).read_text())["options"]["extrapolate"] == 0.5
+    samples = _samples(sample)
+    loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
+
+    def parallel(extrapolate):
+        return _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g,
+                                                     **{**options, "extrapolate": extrapolate}), samples, kwargs)
+
+    eager, plain = parallel(0.5), parallel(0.0)
+    for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
+        assert float((got.sample - want.sample).abs().max()) < 1e-5
+    # the last step reads values two steps old: the stored program extrapolates them
+    assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
+
+
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
     out = exported("pt2", "stale")
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["format"] == "pt2" and manifest["world_size"] == 2
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
     assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "gn_variant": "corrected", "kv_exchange": "auto",
-                                   "stale_dtype": None}
+                                   "stale_dtype": None, "extrapolate": 0.0}
     assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
     assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"

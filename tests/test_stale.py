@@ -7,6 +7,7 @@ import torch
 
 import distrifx
 from distrifx.models import random_unet, unet_inputs
+from distrifx.passes.builder import older
 from tests.stale_reference import StaleReference
 
 TIMESTEPS = [900, 800, 700, 600, 500, 400]
@@ -18,6 +19,18 @@ def _inputs(unet, steps, height=16, width=16):
     g = torch.Generator().manual_seed(1)
     samples = [sample + 0.05 * i * torch.randn(sample.shape, generator=g) for i in range(steps)]
     return samples, kwargs
+
+
+def _state(unet, samples, kwargs, **options):
+    """Rank 0's carried state after running ``samples`` on 2 simulated stale ranks (one warm-up step)."""
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, process_group=group, **options)
+        for sample, t in zip(samples, TIMESTEPS):
+            pmodel(sample, torch.tensor(t), **kwargs)
+        return dict(pmodel.generation.state)
+
+    return distrifx.simulate(rank, 2)[0]
 
 
 def _run(unet, world_size, samples, kwargs, **options):
@@ -47,6 +60,35 @@ def test_stale_equals_independent_reference(name, world_size):
     with torch.no_grad():
         exact = unet(samples[-1], torch.tensor(TIMESTEPS[-1]), **kwargs).sample
     assert float((ranks[0][-1][0] - exact).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_extrapolated_stale_equals_a_reference_that_extrapolates_what_it_reads(world_size):
+    """Halo rows and K/V read as last + 0.5 (last - older); GroupNorm statistics as they are."""
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, len(TIMESTEPS))
+    expected = {}
+    for extrapolate in (0.5, 0.0):
+        reference = StaleReference(unet, world_size, warmup_steps=2, extrapolate=extrapolate)
+        expected[extrapolate] = [reference(s, torch.tensor(t), **kwargs) for s, t in zip(samples, TIMESTEPS)]
+    ranks = _run(unet, world_size, samples, kwargs, mode="stale", warmup_steps=2, extrapolate=0.5)
+    for outs in ranks:
+        for step, (out, _) in enumerate(outs):
+            assert float((out - expected[0.5][step]).abs().max()) < 2e-5, f"step {step}"
+    # from the first stale step on, extrapolating changes what the ranks compute
+    assert all(float((a - b).abs().max()) > 1e-3 for a, b in zip(expected[0.5][2:], expected[0.0][2:]))
+
+
+def test_extrapolation_keeps_an_older_copy_of_halo_rows_and_kv_only():
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 3)
+
+    plain = _state(unet, samples, kwargs)
+    ahead = _state(unet, samples, kwargs, extrapolate=0.5)
+    added = ahead.keys() - plain.keys()
+    assert plain.keys() <= ahead.keys()
+    assert added == {older(name) for name in plain if not name.startswith("gn_")}
+    assert all(ahead[older(name)].shape == plain[name].shape for name in plain if older(name) in added)
 
 
 def test_warmup_covering_every_step_equals_sync():
@@ -129,14 +171,8 @@ def test_narrow_stale_exchanges_halve_bytes_and_state_and_leave_sync_exact():
         assert b.bytes_sent == (a.bytes_sent // 2 if a.kind in ("halo", "kv") else a.bytes_sent), a.name
     assert wide.sites("warmup") == narrow.sites("warmup")  # warm-up exchanges are exact
 
-    def state(group, **options):
-        pmodel = distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, process_group=group, **options)
-        for sample, t in zip(samples, TIMESTEPS):
-            pmodel(sample, torch.tensor(t), **kwargs)
-        return dict(pmodel.generation.state)
-
-    wide_state = distrifx.simulate(state, 2)[0]
-    narrow_state = distrifx.simulate(lambda g: state(g, stale_dtype="bfloat16"), 2)[0]
+    wide_state = _state(unet, samples, kwargs)
+    narrow_state = _state(unet, samples, kwargs, stale_dtype="bfloat16")
     assert wide_state.keys() == narrow_state.keys()
     for name, value in narrow_state.items():
         want = torch.float32 if name.startswith("gn_") else torch.bfloat16

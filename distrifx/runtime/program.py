@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from distrifx.backends import apply_backend
 from distrifx.capture import CapturedProgram
 from distrifx.config import Mode, ParallelConfig
 from distrifx.passes import META_SIGNATURE, META_SITES, PassContext, Phase, RankSignature, build_rank_graph
+from distrifx.passes.builder import older
 from distrifx.runtime.comm import Communicator
 from distrifx.runtime.steps import StepTracker
 
@@ -86,17 +88,29 @@ class RankProgram:
     def signature(self, phase: str) -> RankSignature:
         return self.graphs[phase].meta[META_SIGNATURE]
 
+    @cached_property
+    def extrapolated(self) -> tuple[str, ...]:
+        """Carried values some graph also reads one step older (stale extrapolation)."""
+        names = {name for phase in self.graphs for name in self.signature(phase).state_in}
+        return tuple(sorted(name for name in names if older(name) in names))
+
     def sites(self, phase: str) -> tuple:
         return self.graphs[phase].meta[META_SITES]
 
     def run(
         self, phase: str, comm: Communicator, flat_inputs: list[Any], state: dict[str, torch.Tensor]
     ) -> tuple[list[Any], dict[str, torch.Tensor]]:
-        """Run ``phase``'s graph; return flat user outputs and the state it emits for the next step."""
+        """Run ``phase``'s graph; return flat user outputs and the state for the next step.
+
+        That is what the graph emits and, for the values some graph extrapolates, the ones they
+        replace (a generation's first call replaces none: its values count as their own predecessors).
+        """
         sig = self.signature(phase)
         outputs = self.graphs[phase](comm, *flat_inputs, *(state[name] for name in sig.state_in))
         user, carried = outputs[: sig.num_user_outputs], outputs[sig.num_user_outputs:]
-        return list(user), dict(zip(sig.state_out, carried))
+        emitted = dict(zip(sig.state_out, carried))
+        emitted.update({older(name): state.get(name, emitted[name]) for name in self.extrapolated if name in emitted})
+        return list(user), emitted
 
 
 def build_program(captured: CapturedProgram, config: ParallelConfig, rank: int, name: str) -> RankProgram:
