@@ -58,7 +58,7 @@ def _add_stale_options(p: argparse.ArgumentParser, default_extrapolate: float | 
                         "activations')")
     p.add_argument("--extrapolate", type=float, default=default_extrapolate,
                    help="stale halo rows and keys/values: the last step's plus this fraction of their change "
-                        "since the step before (default 0: the last step's; 0.5 is measured in "
+                        "since the step before (default 0: the last step's; 0.25 and 0.5 are measured in "
                         "docs/benchmarks.md)")
 
 
