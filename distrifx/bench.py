@@ -76,10 +76,10 @@ class BenchCase:
         kind = " (one rank timed alone)" if self.projected else "" if self.transport else " (no transport)"
         gn = f" GN {self.gn_variant}" if self.mode == "stale" and self.gn_variant != "corrected" else ""
         narrow = f" {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
-        narrow += f" extrapolated {self.extrapolate:g}" if self.mode == "stale" and self.extrapolate else ""
+        ahead = f" extrapolated {self.extrapolate:g}" if self.mode == "stale" and self.extrapolate else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
-                f"{self.mode}{gn}{narrow}{backend}{kind}")
+                f"{self.mode}{gn}{narrow}{ahead}{backend}{kind}")
 
     @property
     def first_steady_step(self) -> int:

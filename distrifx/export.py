@@ -474,8 +474,8 @@ def export(
     Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant``,
     ``kv_exchange``, ``cfg_parallel``, ``stale_dtype`` and ``extrapolate`` are those of
     :func:`distrifx.parallelize`: with an even batch and world size (and ``cfg_parallel`` not False)
-    each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The files are specialized to the shapes,
-    dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
+    each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The
+    files are specialized to the shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
     stored in the manifest as the pipeline arguments the call came from (see
     :func:`export_pipeline`). Load the files on each rank with :func:`load`.
 

@@ -395,7 +395,7 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
     from distrifx.fidelity import FidelityCase, psnr_by_seed
 
     def mean(label: str) -> float:
-        return statistics.fmean(psnr_by_seed(rows, label).values())
+        return _mean_psnr(rows, label)
 
     out = []
     for world in sorted({r["world_size"] for r in rows}):
@@ -436,13 +436,20 @@ def _gaps(rows: list[dict[str, Any]], label: str, base: str) -> list[float]:
     return [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
 
 
+def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
+    """Configuration ``label``'s PSNR averaged over seeds (identical images count as 99 dB)."""
+    from distrifx.fidelity import psnr_by_seed
+
+    return statistics.fmean(psnr_by_seed(rows, label).values())
+
+
 def _standard_error(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
     """Each narrow-dtype or extrapolated stale configuration against the same one without it, paired by seed."""
-    from distrifx.fidelity import FidelityCase, psnr_by_seed
+    from distrifx.fidelity import FidelityCase
 
     out = []
     for row in {r["label"]: r for r in rows if r["world_size"] == world
@@ -456,7 +463,7 @@ def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) 
             what, against = f"stale values extrapolated by {row['extrapolate']:g}", "the last step's values"
         gaps = _gaps(rows, row["label"], base)
         out.append(f"N={world}, {what} ({row['label']}): "
-                   f"{statistics.fmean(psnr_by_seed(rows, row['label']).values()):.1f} dB, "
+                   f"{_mean_psnr(rows, row['label']):.1f} dB, "
                    f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error {_standard_error(gaps):.2f} "
                    f"dB over seeds; better on {sum(g > 0 for g in gaps)} of {len(gaps)}).")
     return out

@@ -221,9 +221,10 @@ class Builder:
             return result, None
         sent = {} if wire is None else {"dtype": dtype_name(wire)}
         self.state_out[name] = self.call(ops.wait, (self.call(start, (self.comm, *args), sent),))
-        stale = self._stale_input(name, f"stale_{name}", dtype if wire is not None else None)
+        read_as = None if wire is None else dtype  # kept narrower: cast back where it is read
+        stale = self._stale_input(name, f"stale_{name}", read_as)
         if self.ctx.extrapolate and kind in EXTRAPOLATED:
-            older_value = self._stale_input(older(name), f"older_{name}", dtype if wire is not None else None)
+            older_value = self._stale_input(older(name), f"older_{name}", read_as)
             stale = self.call(aten.lerp.Scalar, (older_value, stale, 1.0 + self.ctx.extrapolate))
         return None, stale
 
