@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch.distributed as dist
@@ -53,6 +54,7 @@ def parallelize(
     timeout_s: float = 300.0,
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
     extrapolate: float = 0.0,
+    fresh: Sequence[Literal["halo", "kv"]] = (),
 ) -> ParallelModule:
     """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
 
@@ -65,6 +67,11 @@ def parallelize(
     and keeps them in it between steps: half the bytes and stale-buffer memory of float32 for
     ``torch.bfloat16``, at the cost of rounding what is already an approximation. Warm-up
     exchanges and GroupNorm statistics stay exact; None (the default) rounds nothing.
+    ``extrapolate`` (0 to 1) reads stale halo rows and keys/values as the last step's plus that
+    fraction of their change since the step before. ``fresh`` names the exchanges stale mode
+    still does synchronously: ``("halo",)`` waits for this step's conv halo rows (small) while
+    keys/values stay stale; with ``gn_variant="sync"`` that is the most exact setting short of
+    sync mode (measured in docs/benchmarks.md).
     ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md);
     ``backend="tensorrt"`` builds TensorRT engines for it (CUDA and torch-tensorrt needed).
 
@@ -84,6 +91,7 @@ def parallelize(
         timeout_s=timeout_s,
         stale_dtype=stale_dtype,
         extrapolate=extrapolate,
+        fresh=fresh,
     )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")

@@ -52,6 +52,7 @@ class BenchCase:
     gn_variant: str = "corrected"  # stale mode's GroupNorm statistics
     stale_dtype: str | None = None  # stale mode's halo rows and K/V travel in this (None: the activations')
     extrapolate: float = 0.0  # stale mode's halo rows and K/V extrapolated from the last two steps
+    fresh: tuple[str, ...] = ()  # exchange kinds stale mode still does synchronously
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
     transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
@@ -77,9 +78,10 @@ class BenchCase:
         gn = f" GN {self.gn_variant}" if self.mode == "stale" and self.gn_variant != "corrected" else ""
         narrow = f" {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
         ahead = f" extrapolated {self.extrapolate:g}" if self.mode == "stale" and self.extrapolate else ""
+        fresh = f" fresh {'+'.join(self.fresh)}" if self.mode == "stale" and self.fresh else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
-                f"{self.mode}{gn}{narrow}{ahead}{backend}{kind}")
+                f"{self.mode}{gn}{narrow}{ahead}{fresh}{backend}{kind}")
 
     @property
     def first_steady_step(self) -> int:
@@ -179,7 +181,7 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
                                   gn_variant=case.gn_variant, stale_dtype=case.stale_dtype,
-                                  extrapolate=case.extrapolate, cfg_parallel=False,
+                                  extrapolate=case.extrapolate, fresh=case.fresh, cfg_parallel=False,
                                   backend=case.backend, process_group=group)
     return pmodel, pmodel, sample, kwargs, timesteps
 

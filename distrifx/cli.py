@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from distrifx.bench import BACKENDS, DTYPES
-from distrifx.config import STALE_DTYPES, GNVariant, Mode
+from distrifx.config import FRESH_KINDS, STALE_DTYPES, GNVariant, Mode
 from distrifx.models import UNET_CONFIGS
 
 __all__ = ["main", "build_parser"]
@@ -34,7 +34,7 @@ GN_VARIANTS = [v.value for v in GNVariant]
 _CFG_PARALLEL = {"auto": "auto", "on": True, "off": False}
 # generate's parallel options; with --engines they come from the export instead.
 _PARALLEL_DEFAULTS = {"world_size": 2, "mode": "stale", "warmup_steps": 4, "gn_variant": "corrected",
-                      "cfg_parallel": "auto", "extrapolate": 0.0}
+                      "cfg_parallel": "auto", "extrapolate": 0.0, "fresh": []}
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -47,19 +47,23 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
                    help="GroupNorm statistics after warm-up in stale mode (default corrected)")
     p.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default=None,
                    help="put the two halves of a guidance batch on two rank groups (default auto)")
-    _add_stale_options(p, default_extrapolate=None)
+    _add_stale_options(p, unset=True)
     p.add_argument("--threads-per-rank", type=int, default=None,
                    help="torch threads per spawned rank on CPU (default: cores / world size)")
 
 
-def _add_stale_options(p: argparse.ArgumentParser, default_extrapolate: float | None = 0.0) -> None:
+def _add_stale_options(p: argparse.ArgumentParser, unset: bool = False) -> None:
+    """Stale mode's options; ``unset``: their defaults are None, to be filled in later."""
     p.add_argument("--stale-dtype", choices=list(STALE_DTYPES), default=None,
                    help="send and keep stale mode's halo rows and keys/values in this dtype (default: the "
                         "activations')")
-    p.add_argument("--extrapolate", type=float, default=default_extrapolate,
+    p.add_argument("--extrapolate", type=float, default=None if unset else 0.0,
                    help="stale halo rows and keys/values: the last step's plus this fraction of their change "
                         "since the step before (default 0: the last step's; 0.25 and 0.5 are measured in "
                         "docs/benchmarks.md)")
+    p.add_argument("--fresh", choices=FRESH_KINDS, nargs="*", default=None if unset else [],
+                   help="exchanges stale mode still does synchronously, of: halo, kv (default none; 'halo' with "
+                        "--gn-variant sync leaves only keys/values stale, measured in docs/benchmarks.md)")
 
 
 def _stale_dtypes(p: argparse.ArgumentParser) -> None:
@@ -67,9 +71,25 @@ def _stale_dtypes(p: argparse.ArgumentParser) -> None:
                    help="stale exchange dtypes to sweep in stale mode; none: the activations' (default none)")
 
 
+def _fresh_set(text: str) -> list[str]:
+    """``halo``, ``halo,kv`` or ``none``: a set of exchange kinds, sorted."""
+    kinds = [] if text == "none" else sorted(set(text.split(",")))
+    unknown = [k for k in kinds if k not in FRESH_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(unknown)} is not one of {', '.join(FRESH_KINDS)} "
+                                         "(or none); separate several with commas")
+    return kinds
+
+
+def _fresh_sets(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--fresh-sets", type=_fresh_set, nargs="+", default=[[]],
+                   help="sets of exchanges stale mode keeps synchronous to sweep, with each GN variant: none, "
+                        "halo, kv or halo,kv (default none)")
+
+
 def _extrapolations(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extrapolations", type=float, nargs="+", default=[0.0],
-                   help="stale extrapolation fractions to sweep in stale mode (default 0: none)")
+                   help="stale extrapolation fractions to sweep in stale mode, with each GN variant (default 0: none)")
 
 
 def _positive_int(text: str) -> int:
@@ -121,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stale mode's GroupNorm statistics to sweep (default corrected)")
     _stale_dtypes(bench)
     _extrapolations(bench)
+    _fresh_sets(bench)
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     bench.add_argument("--rounds", type=_positive_int, default=1,
                        help="run every configuration this many times, a round through all of them at a time; "
@@ -184,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--gn-variants", nargs="+", default=GN_VARIANTS, choices=GN_VARIANTS)
     _stale_dtypes(fid)
     _extrapolations(fid)
+    _fresh_sets(fid)
     fid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fid.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     fid.add_argument("--steps", type=int, default=20)
@@ -290,7 +312,7 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
         pipe = distrifx.parallelize_pipeline(
             pipe, options["world_size"], mode=options["mode"], warmup_steps=options["warmup_steps"],
             gn_variant=options["gn_variant"], cfg_parallel=_CFG_PARALLEL[options["cfg_parallel"]],
-            stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"],
+            stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"], fresh=options["fresh"],
         )
     pipe.set_progress_bar_config(disable=rank != 0)
     start = time.perf_counter()
@@ -308,6 +330,8 @@ def _run_generate(args: argparse.Namespace) -> int:
     import distrifx
 
     options = vars(args)
+    if options["fresh"] is not None:  # as an export's manifest lists them
+        options["fresh"] = sorted(set(options["fresh"]))
     if args.engines is not None:
         options = _engine_options(options)
     else:
@@ -374,10 +398,11 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
                       warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
                       device=args.device, dtype=args.dtype, backend=backend)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
-        variants = [dict(mode=m, gn_variant=g, stale_dtype=d, extrapolate=e) for m in args.modes
+        variants = [dict(mode=m, gn_variant=g, stale_dtype=d, extrapolate=e, fresh=tuple(f)) for m in args.modes
                     for g in (args.gn_variants if m == "stale" else ["corrected"])
                     for d in (_dtype_options(args.stale_dtypes) if m == "stale" else [None])
-                    for e in (args.extrapolations if m == "stale" else [0.0])]
+                    for e in (args.extrapolations if m == "stale" else [0.0])
+                    for f in (args.fresh_sets if m == "stale" else [[]])]
         cases += [BenchCase(world_size=n, **v, **common) for n in args.world_sizes for v in variants]
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
@@ -403,7 +428,8 @@ def _run_compile(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
     options = dict(mode=args.mode, warmup_steps=args.warmup_steps, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel],
-                   stale_dtype=args.stale_dtype, extrapolate=args.extrapolate, format=args.format)
+                   stale_dtype=args.stale_dtype, extrapolate=args.extrapolate, fresh=args.fresh,
+                   format=args.format)
     start = time.perf_counter()
     if args.component == "vae":
         if getattr(pipe, "vae", None) is None:
@@ -433,7 +459,10 @@ def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [FidelityCase(n, "stale", max(args.warmups), v) for v in args.gn_variants if v != "corrected"]
         cases += [FidelityCase(n, "stale", max(args.warmups), stale_dtype=d)
                   for d in _dtype_options(args.stale_dtypes) if d is not None]
-        cases += [FidelityCase(n, "stale", max(args.warmups), extrapolate=e) for e in args.extrapolations if e]
+        cases += [FidelityCase(n, "stale", max(args.warmups), v, extrapolate=e)
+                  for v in args.gn_variants for e in args.extrapolations if e]
+        cases += [FidelityCase(n, "stale", max(args.warmups), v, fresh=tuple(f))
+                  for v in args.gn_variants for f in args.fresh_sets if f]
         cases += [FidelityCase(n, "sync"), FidelityCase(n, "naive")]  # sync: the floor of arithmetic differences
     rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
     _write_outputs(args.out, "distrifx " + " ".join(argv), rows, fidelity_table(rows), "\n![images](images.png)\n")

@@ -10,10 +10,12 @@ import torch
 
 from distrifx.errors import ConfigError
 
-__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES", "dtype_name"]
+__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES", "FRESH_KINDS", "dtype_name"]
 
 # What stale exchanges may travel and be kept in: narrower floats than the activations.
 STALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+# Exchanges stale mode can keep synchronous (``fresh=``); GroupNorm's is ``gn_variant="sync"``.
+FRESH_KINDS = ("halo", "kv")
 
 
 class Mode(str, enum.Enum):
@@ -74,6 +76,17 @@ def _stale_dtype(value: object) -> torch.dtype | None:
                       f"{', '.join(repr(n) for n in STALE_DTYPES)} (torch dtypes or their names).")
 
 
+def _fresh(value: object) -> tuple[str, ...]:
+    """``fresh`` as a sorted tuple of exchange kinds; one kind may be given as a string."""
+    kinds = (value,) if isinstance(value, str) else value
+    if isinstance(kinds, (tuple, list, set, frozenset)) and all(k in FRESH_KINDS for k in kinds):
+        return tuple(sorted(set(kinds)))
+    gn = (" (GroupNorm statistics are kept synchronous with gn_variant='sync')"
+          if isinstance(kinds, (tuple, list, set, frozenset)) and "gn" in kinds else "")
+    raise ConfigError(f"fresh={value!r} is not valid: give the exchanges stale mode keeps synchronous as a "
+                      f"sequence of {', '.join(repr(k) for k in FRESH_KINDS)}, e.g. fresh=('halo',){gn}.")
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Validated options of :func:`distrifx.parallelize`.
@@ -93,6 +106,7 @@ class ParallelConfig:
     timeout_s: float = 300.0
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges: sent and kept in this
     extrapolate: float = 0.0  # stale values: last step's + this x (last step's - the one before's)
+    fresh: tuple[str, ...] = ()  # exchange kinds (FRESH_KINDS) stale mode still does synchronously
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
@@ -100,6 +114,7 @@ class ParallelConfig:
         object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "kv_exchange", _enum(KVExchange, self.kv_exchange, "kv_exchange"))
         object.__setattr__(self, "stale_dtype", _stale_dtype(self.stale_dtype))
+        object.__setattr__(self, "fresh", _fresh(self.fresh))
         problems = []
         if not isinstance(self.world_size, int) or self.world_size < 1:
             problems.append(f"world_size={self.world_size!r} must be a positive int")

@@ -40,7 +40,7 @@ import shutil
 import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +77,8 @@ __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest"
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 3
+# Options exports of this manifest version may predate, as the programs they hold were compiled.
+OPTIONS_ADDED: dict[str, Any] = {"extrapolate": 0.0, "fresh": []}
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
 _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
@@ -466,13 +468,14 @@ def export(
     cfg_parallel: bool | Literal["auto"] = "auto",
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
     extrapolate: float = 0.0,
+    fresh: Sequence[Literal["halo", "kv"]] = (),
     format: Literal["pt2", "aoti", "onnx", "tensorrt"] = "pt2",
     pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
     Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant``,
-    ``kv_exchange``, ``cfg_parallel``, ``stale_dtype`` and ``extrapolate`` are those of
+    ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate`` and ``fresh`` are those of
     :func:`distrifx.parallelize`: with an even batch and world size (and ``cfg_parallel`` not False)
     each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The
     files are specialized to the shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
@@ -490,7 +493,7 @@ def export(
     _check_format(format, tree_flatten((tuple(args), kwargs))[0])
     config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
                             kv_exchange=kv_exchange, cfg_parallel=cfg_parallel, stale_dtype=stale_dtype,
-                            extrapolate=extrapolate)
+                            extrapolate=extrapolate, fresh=fresh)
     out = Path(out_dir)
     _prepare(out)
     model = model.eval()
@@ -510,7 +513,8 @@ def export(
         "cfg_split": cfg_split,
         "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
                     "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value,
-                    "stale_dtype": dtype_name(config.stale_dtype), "extrapolate": config.extrapolate},
+                    "stale_dtype": dtype_name(config.stale_dtype), "extrapolate": config.extrapolate,
+                    "fresh": list(config.fresh)},
         "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
         "inputs": _input_signature(model, tuple(args), kwargs),
         "out_spec": treespec_dumps(captured.out_spec),
@@ -612,6 +616,8 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
             f"{path} is manifest version {manifest.get('manifest_version')!r}, format {manifest.get('format')!r}; "
             f"this distrifx reads version {MANIFEST_VERSION}, formats {FORMATS}. Export again with this distrifx."
         )
+    for option, value in OPTIONS_ADDED.items():
+        manifest["options"].setdefault(option, value)
     return manifest
 
 
@@ -1028,8 +1034,8 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
                                 warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
                                 kv_exchange=options["kv_exchange"], cfg_parallel=manifest["cfg_split"],
-                                stale_dtype=options["stale_dtype"], extrapolate=options.get("extrapolate", 0.0),
-                                timeout_s=timeout_s)
+                                stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"],
+                                fresh=options["fresh"], timeout_s=timeout_s)
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
         out_spec = _load_spec(manifest["out_spec"], "output")
         attributes = _model_attributes(manifest["model"])

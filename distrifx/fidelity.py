@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
@@ -30,6 +30,13 @@ class FidelityCase:
     gn_variant: str = "corrected"
     stale_dtype: str | None = None
     extrapolate: float = 0.0
+    fresh: tuple[str, ...] = ()  # exchange kinds kept synchronous in stale mode
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> FidelityCase:
+        """The case a result row of :func:`run_fidelity` was measured for (rows store lists as JSON does)."""
+        values = {f.name: row[f.name] for f in fields(cls) if f.name in row}
+        return cls(**{**values, "fresh": tuple(values.get("fresh", ()))})
 
     @property
     def label(self) -> str:
@@ -37,7 +44,8 @@ class FidelityCase:
             return f"N={self.world_size} {self.mode}"
         narrow = f", {self.stale_dtype} exchanges" if self.stale_dtype else ""
         ahead = f", extrapolated {self.extrapolate:g}" if self.extrapolate else ""
-        return f"N={self.world_size} stale, warm-up {self.warmup_steps}, GN {self.gn_variant}{narrow}{ahead}"
+        fresh = f", fresh {'+'.join(self.fresh)}" if self.fresh else ""
+        return f"N={self.world_size} stale, warm-up {self.warmup_steps}, GN {self.gn_variant}{narrow}{ahead}{fresh}"
 
 
 def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch.Tensor:
@@ -56,7 +64,7 @@ def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, se
         pipe.unet = distrifx.parallelize(pipe.unet, case.world_size, mode=case.mode, cfg_parallel=False,
                                          warmup_steps=case.warmup_steps, gn_variant=case.gn_variant,
                                          stale_dtype=case.stale_dtype, extrapolate=case.extrapolate,
-                                         process_group=group)
+                                         fresh=case.fresh, process_group=group)
         return _generate(pipe, prompt, seed, size, steps)
 
     return distrifx.simulate(rank, case.world_size)[0]

@@ -8,9 +8,10 @@ and whether each target is met; it is computed from the results, never written b
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-64-inductor": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                   "stale", "--steps", "10", "--rounds", "3", "--threads", "1", "--project", "2",
                                   "--backend", "eager", "inductor"),
+        # What waiting for halo rows (and GroupNorm statistics) costs a rank on this machine.
+        "sd15-half-64-fresh": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
+                               "stale", "--gn-variants", "corrected", "sync", "--fresh-sets", "none", "halo",
+                               "--steps", "12", "--rounds", "2", "--threads", "1"),
         "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
                          "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "12", "--threads", "1",
                          "--project", "2", "4", "8", "--no-transport"),
@@ -81,6 +86,14 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "fidelity-extrapolate": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected",
                                  "--extrapolations", "0.25", "0.5", "--seeds", *TARGET_SEEDS, "--size", "32",
                                  "--steps", "20"),
+        # The same extrapolation with GroupNorm's statistics exchanged synchronously: the two together.
+        "fidelity-extrapolate-gn-sync": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants",
+                                         "sync", "--extrapolations", "0.25", "0.5", "--seeds", *TARGET_SEEDS, "--size",
+                                         "32", "--steps", "20"),
+        # Halo rows exchanged synchronously (small), with stale or synchronous GroupNorm statistics: what stays
+        # stale is keys/values only, or also the statistics.
+        "fidelity-fresh": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected",
+                           "sync", "--fresh-sets", "halo", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
         # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
         # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
@@ -95,7 +108,8 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                     "--stale-dtypes", "none", "bfloat16", "--steps", "3", "--warmup-steps", "1", "--project", "2",
                     "--link-gbps", "1", "--no-transport"),
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--stale-dtypes",
-                     "none", "bfloat16", "--extrapolations", "0.5", "--seeds", "0", "--size", "32", "--steps", "3"),
+                     "none", "bfloat16", "--extrapolations", "0.5", "--fresh-sets", "none", "halo", "--seeds", "0",
+                     "--size", "32", "--steps", "3"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
         "profile": ("profile", "--model", "sd15", "--latent", "16", "--world-size", "2", "--warmup-steps", "1",
                     "--steps", "1"),
@@ -136,11 +150,11 @@ def _verdict(met: bool) -> str:
 def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool = False,
           transport: bool = True) -> dict[str, Any] | None:
     """The result of ``mode`` at ``world`` ranks, stale mode with its defaults (corrected GroupNorm,
-    exchanges in the activations' dtype, not extrapolated)."""
+    exchanges in the activations' dtype, not extrapolated, none kept synchronous)."""
     return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
                  and r["case"]["projected"] == projected and r["case"]["transport"] == transport
                  and r["case"]["gn_variant"] == "corrected" and not r["case"].get("stale_dtype")
-                 and not r["case"].get("extrapolate")), None)
+                 and not r["case"].get("extrapolate") and not r["case"].get("fresh")), None)
 
 
 def _rounds(results: list[dict[str, Any]]) -> int:
@@ -251,12 +265,13 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
 
 
 def _stale_option_findings(results: list[dict[str, Any]], wide: dict[str, Any] | None) -> list[str]:
-    """Each 2-rank stale run with narrowed or extrapolated stale exchanges against the default one."""
+    """Each 2-rank stale run with narrowed, extrapolated or synchronous exchanges against the default one."""
     out = []
     for r in results:
         c = r["case"]
         variant = (f"{c['stale_dtype']} stale exchanges" if c.get("stale_dtype") else
-                   f"stale values extrapolated by {c['extrapolate']:g}" if c.get("extrapolate") else None)
+                   f"stale values extrapolated by {c['extrapolate']:g}" if c.get("extrapolate") else
+                   f"{'+'.join(c['fresh'])} exchanges kept synchronous" if c.get("fresh") else None)
         if wide and variant and c["world_size"] == 2 and c["transport"] and not c["projected"]:
             out.append(
                 f"{variant}: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
@@ -410,10 +425,11 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
         stale = sorted((label for label in labels if label not in (naive, exact)), key=mean)
         if naive not in labels or not stale:
             continue
-        corrected = [label for label in stale if label.endswith("GN corrected")]
+        blocking = {r["label"] for r in rows if r["gn_variant"] == "sync" or r.get("fresh")}
+        asynchronous = [label for label in stale if label not in blocking]
         picks = {default: "default", stale[-1]: "best"}
-        if corrected:  # without GN sync's blocking exchanges: every exchange overlaps compute
-            picks.setdefault(corrected[-1], "best fully asynchronous")
+        if asynchronous:  # without GN sync's or fresh= blocking exchanges: every exchange overlaps compute
+            picks.setdefault(asynchronous[-1], "best fully asynchronous")
         for label, what in picks.items():
             if label in labels:
                 gaps = _gaps(rows, label, naive)
@@ -447,25 +463,31 @@ def _standard_error(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
+# A stale option of FidelityCase: its default, what a value of it does, and what the default reads.
+_STALE_OPTIONS: dict[str, tuple[Any, Callable[[Any], str], str]] = {
+    "stale_dtype": (None, lambda v: f"{v} stale exchanges", "exchanges in the activations' dtype"),
+    "extrapolate": (0.0, lambda v: f"stale values extrapolated by {v:g}", "the last step's values"),
+    "fresh": ((), lambda v: f"{'+'.join(v)} exchanges kept synchronous", "the last step's values"),
+}
+
+
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
-    """Each narrow-dtype or extrapolated stale configuration against the same one without it, paired by seed."""
+    """Each stale configuration with a stale option set against the same one without it, paired by seed."""
     from distrifx.fidelity import FidelityCase
 
     out = []
-    for row in {r["label"]: r for r in rows if r["world_size"] == world
-                and (r.get("stale_dtype") or r.get("extrapolate"))}.values():
-        base = FidelityCase(world, "stale", row["warmup_steps"], row["gn_variant"]).label
-        if base not in labels:
-            continue
-        if row.get("stale_dtype"):
-            what, against = f"{row['stale_dtype']} stale exchanges", "exchanges in the activations' dtype"
-        else:
-            what, against = f"stale values extrapolated by {row['extrapolate']:g}", "the last step's values"
-        gaps = _gaps(rows, row["label"], base)
-        out.append(f"N={world}, {what} ({row['label']}): "
-                   f"{_mean_psnr(rows, row['label']):.1f} dB, "
-                   f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error {_standard_error(gaps):.2f} "
-                   f"dB over seeds; better on {sum(g > 0 for g in gaps)} of {len(gaps)}).")
+    for row in {r["label"]: r for r in rows if r["world_size"] == world and r["mode"] == "stale"}.values():
+        case = FidelityCase.from_row(row)
+        for option, (default, what, against) in _STALE_OPTIONS.items():
+            base = dataclasses.replace(case, **{option: default}).label
+            if getattr(case, option) == default or base not in labels:
+                continue
+            gaps = _gaps(rows, row["label"], base)
+            out.append(f"N={world}, {what(getattr(case, option))} ({row['label']}): "
+                       f"{_mean_psnr(rows, row['label']):.1f} dB, "
+                       f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error "
+                       f"{_standard_error(gaps):.2f} dB over seeds; better on {sum(g > 0 for g in gaps)} of "
+                       f"{len(gaps)}).")
     return out
 
 
@@ -478,11 +500,15 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
     beyond = (f" It was trained at {trained}x{trained}: at {size}x{size} its images leave the training "
               "distribution (see the figure) but remain a real denoising trajectory of the same network."
               if size != trained else "")
-    extrapolated = any(r.get("extrapolate") for r in rows)
-    title = ", extrapolated stale values" if extrapolated else ""
+    extrapolated, fresh = any(r.get("extrapolate") for r in rows), any(r.get("fresh") for r in rows)
+    title = ", extrapolated stale values" if extrapolated else ", exchanges kept synchronous" if fresh else ""
+    variants = sorted({r["gn_variant"] for r in rows if r.get("extrapolate") or r.get("fresh")})
+    title += f" (GN {', '.join(variants)})" if title and variants != ["corrected"] else ""
     ahead = (" Configurations marked *extrapolated λ* read their neighbours' halo rows and keys/values as the last "
              "step's plus λ times their change since the step before (`extrapolate=λ`, docs/architecture.md); the "
              "others read the last step's." if extrapolated else "")
+    ahead += (" Configurations marked *fresh halo* (*fresh kv*) wait for this step's conv halo rows (keys/values) "
+              "instead of reading the last step's (`fresh=`, docs/architecture.md)." if fresh else "")
     lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps, {size}x{size} pixels{title}",
              "",
              f"The default model (`distrifx/assets/default_model`, trained here on procedural shapes) at "

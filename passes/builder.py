@@ -51,6 +51,8 @@ def form_for(kind: str, ctx: PassContext, phase: str | None = None) -> Form:
         return Form.SYNC
     if phase == Phase.NAIVE:
         return Form.NONE
+    if kind in ctx.fresh:
+        return Form.SYNC
     if kind == "gn":
         return {
             GNVariant.SYNC: Form.SYNC,

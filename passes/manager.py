@@ -44,13 +44,14 @@ class PassContext:
     name: str = "graph"
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges travel in this
     extrapolate: float = 0.0  # stale values extrapolated from the last two steps by this fraction
+    fresh: tuple[str, ...] = ()  # exchange kinds a stale graph still does synchronously
 
     @classmethod
     def for_config(cls, config: ParallelConfig, rank: int, phase: str, name: str) -> PassContext:
         """The context of rank ``rank``'s ``phase`` graph under ``config``'s options."""
         return cls(rank=rank, world_size=config.world_size, phase=phase, gn_variant=config.gn_variant,
                    kv_exchange=config.kv_exchange, name=name, stale_dtype=config.stale_dtype,
-                   extrapolate=float(config.extrapolate))
+                   extrapolate=float(config.extrapolate), fresh=config.fresh)
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 
 from distrifx.bench import BenchCase, Link, bench_rank, projected_step
 from distrifx.errors import ConfigError
+from distrifx.fidelity import FidelityCase
 from distrifx.metrics import psnr, ssim
 
 
@@ -121,10 +123,11 @@ def test_report_runs_every_section_end_to_end(tmp_path):
                      "bfloat16 stale exchanges: ", "N=2, bfloat16 stale exchanges (N=2 stale, warm-up 1, GN corrected, "
                      "bfloat16 exchanges): ", "N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 1, GN "
                      "corrected, extrapolated 0.5): ",
+                     "N=2, halo exchanges kept synchronous (N=2 stale, warm-up 1, GN corrected, fresh halo): ",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
                      "aten ops per step against the unmodified model's",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --stale-dtypes none "
-                     f"bfloat16 --extrapolations 0.5 --seeds 0 --size 32 --steps 3 --out "
+                     f"bfloat16 --extrapolations 0.5 --fresh-sets none halo --seeds 0 --size 32 --steps 3 --out "
                      f"{tmp_path / 'bench' / 'fidelity'}"):
         assert expected in page, expected
 
@@ -193,6 +196,18 @@ def test_one_rank_alone_in_half_precision_sends_what_its_plan_says():
     result = _projection(_summarize(case, [[rank]]), Link(1.0))
     assert result["label"] == "sd15 16x16 b1 N=4 stale (projected over 1 GB/s, 15 us)"
     assert result["step_s"] == pytest.approx(projected_step(result["compute_s"], stale, Link(1.0)))
+
+
+def test_fresh_halo_exchanges_block_and_keep_no_stale_buffers():
+    common = dict(model="sd15", height=16, width=16, world_size=2, mode="stale", projected=True, steps=3,
+                  warmup_steps=1)
+    default, fresh = (bench_rank(BenchCase(**common, fresh=kinds)) for kinds in ((), ("halo",)))
+    before, after = default["exchanges"]["stale"], fresh["exchanges"]["stale"]
+    assert before["blocking"][0] == 1 < after["blocking"][0]  # the output gather, then each halo exchange too
+    sent = [exchanges["blocking"][1] + exchanges["overlapped"][1] for exchanges in (before, after)]
+    assert sent[0] == sent[1] > 0  # the same bytes, some of them now waited for
+    assert 0 < fresh["state_bytes"] < default["state_bytes"]
+    assert BenchCase(**common, fresh=("halo",)).label == "sd15 16x16 b1 N=2 stale fresh halo (one rank timed alone)"
 
 
 def test_bench_sweeps_models_and_latents_each_against_its_own_baseline(tmp_path, monkeypatch):
@@ -305,12 +320,16 @@ def test_projected_gpu_speedups_stand_beside_the_published_ones():
     assert _published_comparison([measured, {**row, "case": {**row["case"], "height": 256}}]) == []
 
 
+def _case_rows(case: FidelityCase, *psnr_db: float) -> list[dict]:
+    """Rows of ``case`` as run_fidelity writes them, one per seed 0, 1, ... with these PSNRs."""
+    return [{**asdict(case), "label": case.label, "seed": seed, "psnr_db": value, "ssim": 0.5 + 0.25 * seed}
+            for seed, value in enumerate(psnr_db)]
+
+
 def _fidelity_rows() -> list[dict]:
     """Two seeds of N=2: naive, default stale and GN sync; one identical image (infinite PSNR)."""
-    psnr_db = {"N=2 naive": (10.0, 14.0), "N=2 stale, warm-up 4, GN corrected": (32.0, 30.0),
-               "N=2 stale, warm-up 4, GN sync": (float("inf"), 36.0)}
-    return [{"label": label, "world_size": 2, "seed": seed, "psnr_db": values[seed], "ssim": 0.5 + 0.25 * seed}
-            for label, values in psnr_db.items() for seed in (0, 1)]
+    return (_case_rows(FidelityCase(2, "naive"), 10.0, 14.0) + _case_rows(FidelityCase(2, "stale"), 32.0, 30.0)
+            + _case_rows(FidelityCase(2, "stale", gn_variant="sync"), float("inf"), 36.0))
 
 
 def test_fidelity_table_gives_mean_and_spread_over_seeds():
@@ -336,8 +355,7 @@ def test_fidelity_findings_pair_each_seed_with_its_naive_image():
 def test_fidelity_findings_set_sync_mode_apart_as_the_floor_of_arithmetic_differences():
     from distrifx.report import _fidelity_findings
 
-    exact = [{"label": "N=2 sync", "world_size": 2, "seed": seed, "psnr_db": value, "ssim": 1.0}
-             for seed, value in ((0, 80.0), (1, float("inf")))]
+    exact = _case_rows(FidelityCase(2, "sync"), 80.0, float("inf"))
     floor, default, best = _fidelity_findings(_fidelity_rows() + exact)
     assert floor.startswith("N=2 sync (every exchange fresh: exact but for the order of floating-point sums): "
                             "89.5 dB [80.0, 99.0]")
@@ -347,21 +365,22 @@ def test_fidelity_findings_set_sync_mode_apart_as_the_floor_of_arithmetic_differ
 def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
     from distrifx.report import _fidelity_findings
 
-    longer = [{"label": "N=2 stale, warm-up 8, GN corrected", "world_size": 2, "seed": seed, "psnr_db": 34.0,
-               "ssim": 0.9} for seed in (0, 1)]
-    findings = _fidelity_findings(_fidelity_rows() + longer)
+    longer = _case_rows(FidelityCase(2, "stale", 8), 34.0, 34.0)
+    halo = _case_rows(FidelityCase(2, "stale", fresh=("halo",)), 36.0, 36.0)  # waits for halo rows: not asynchronous
+    findings = _fidelity_findings(_fidelity_rows() + longer + halo)
     assert [f.split(" (N=2")[0] for f in findings] == [
         "N=2, default stale configuration", "N=2, best stale configuration",
-        "N=2, best fully asynchronous stale configuration"]
+        "N=2, best fully asynchronous stale configuration", "N=2, halo exchanges kept synchronous"]
     assert "(N=2 stale, warm-up 8, GN corrected): 34.0 dB against naive 12.0 dB, +22.0 dB" in findings[2]
+    assert findings[3] == ("N=2, halo exchanges kept synchronous (N=2 stale, warm-up 4, GN corrected, fresh halo): "
+                           "36.0 dB, +5.00 dB against the last step's values (standard error 1.00 dB over seeds; "
+                           "better on 2 of 2).")
 
 
 def test_fidelity_findings_compare_an_extrapolated_configuration_with_the_same_one_without():
     from distrifx.report import _fidelity_findings, _fidelity_section
 
-    ahead = [{"label": "N=2 stale, warm-up 4, GN corrected, extrapolated 0.5", "world_size": 2, "seed": seed,
-              "psnr_db": value, "ssim": 0.9, "warmup_steps": 4, "gn_variant": "corrected", "extrapolate": 0.5}
-             for seed, value in ((0, 35.0), (1, 29.0))]
+    ahead = _case_rows(FidelityCase(2, "stale", extrapolate=0.5), 35.0, 29.0)
     findings = _fidelity_findings(_fidelity_rows() + ahead)
     assert findings[-1] == ("N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 4, GN corrected, extrapolated "
                             "0.5): 32.0 dB, +1.00 dB against the last step's values (standard error 2.00 dB over "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -32,7 +33,7 @@ def test_generate_on_the_embedded_default_writes_a_png(tmp_path):
     out = tmp_path / "image.png"
     stdout = _distrifx("generate", "--prompt", "red circle", "--world-size", "2", "--steps", "6",
                        "--warmup-steps", "2", "--cfg-parallel", "off", "--height", "64", "--width", "64",
-                       "--extrapolate", "0.5", "--threads-per-rank", "1", "--out", str(out))
+                       "--extrapolate", "0.5", "--fresh", "halo", "--threads-per-rank", "1", "--out", str(out))
     assert f"wrote {out} (64x64) with 2 rank(s), mode=stale" in stdout
     image = Image.open(out)
     assert image.size == (64, 64) and image.mode == "RGB"
@@ -80,8 +81,21 @@ def test_generate_runs_compiled_engines_and_equals_one_device(engines, tmp_path,
     (["--mode", "stale", "--world-size", "4"], r"--world-size 4 \(compiled: 2\); --mode stale \(compiled: sync\)"),
     (["--stale-dtype", "bfloat16"], r"--stale-dtype bfloat16 \(compiled: None\)"),
     (["--extrapolate", "0.5"], r"--extrapolate 0.5 \(compiled: 0.0\)"),
+    (["--fresh", "kv", "halo"], r"--fresh \['halo', 'kv'\] \(compiled: \[\]\)"),
 ])
 def test_generate_refuses_options_the_engines_were_not_compiled_for(engines, options, message):
     with pytest.raises(SystemExit, match=f"was compiled for height=32, width=32, guidance_scale=3.0, world size 2, "
                                          f"mode=sync; these options differ: {message}"):
         main(["generate", "--engines", str(engines), *options])
+
+
+def test_an_export_from_before_an_option_existed_counts_as_compiled_without_it(engines, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(engines, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    for added in ("extrapolate", "fresh"):
+        del manifest["options"][added]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SystemExit, match=r"these options differ: --extrapolate 0.5 \(compiled: 0.0\); --fresh "
+                                         r"\['halo'\] \(compiled: \[\]\)"):
+        main(["generate", "--engines", str(old), "--extrapolate", "0.5", "--fresh", "halo"])

@@ -166,13 +166,29 @@ def test_extrapolated_stale_export_equals_the_eager_runtime_and_stores_the_optio
     assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
 
 
+def test_export_with_fresh_halo_rows_equals_the_eager_runtime_and_stores_the_option(model, tmp_path):
+    unet, (sample, _), kwargs = model
+    options = dict(mode="stale", warmup_steps=1, fresh=("halo",))
+    distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, **options)
+    assert json.loads((tmp_path / MANIFEST).read_text())["options"]["fresh"] == ["halo"]
+    samples = _samples(sample)
+    loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
+    eager = _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, **options), samples,
+                   kwargs)
+    plain = _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, mode="stale",
+                                                  warmup_steps=1), samples, kwargs)
+    for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
+        assert float((got.sample - want.sample).abs().max()) < 1e-5
+    assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
+
+
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
     out = exported("pt2", "stale")
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["format"] == "pt2" and manifest["world_size"] == 2
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
     assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "gn_variant": "corrected", "kv_exchange": "auto",
-                                   "stale_dtype": None, "extrapolate": 0.0}
+                                   "stale_dtype": None, "extrapolate": 0.0, "fresh": []}
     assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
     assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"

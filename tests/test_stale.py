@@ -91,6 +91,35 @@ def test_extrapolation_keeps_an_older_copy_of_halo_rows_and_kv_only():
     assert all(ahead[older(name)].shape == plain[name].shape for name in plain if older(name) in added)
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_stale_mode_with_every_exchange_fresh_equals_sync_mode(world_size):
+    """fresh=("halo", "kv") with GroupNorm sync leaves nothing stale; fresh halo alone is neither."""
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 4)
+    sync = _run(unet, world_size, samples, kwargs, mode="sync")
+    fresh = _run(unet, world_size, samples, kwargs, mode="stale", warmup_steps=1, gn_variant="sync",
+                 fresh=("kv", "halo"))
+    halo = _run(unet, world_size, samples, kwargs, mode="stale", warmup_steps=1, gn_variant="sync", fresh="halo")
+    gn_sync = _run(unet, world_size, samples, kwargs, mode="stale", warmup_steps=1, gn_variant="sync")
+    for rank in range(world_size):
+        assert [phase for _, phase in fresh[rank]] == ["warmup", "stale", "stale", "stale"]
+        for step, ((a, _), (b, _)) in enumerate(zip(fresh[rank], sync[rank])):
+            assert float((a - b).abs().max()) < 1e-5, f"rank {rank} step {step}"
+    last = [run[0][-1][0] for run in (sync, halo, gn_sync)]
+    assert float((last[1] - last[0]).abs().max()) > 1e-3  # stale K/V still differ from exact
+    assert float((last[1] - last[2]).abs().max()) > 1e-4  # and fresh halo rows from stale ones
+
+
+def test_fresh_exchanges_carry_no_state():
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 3)
+    plain = _state(unet, samples, kwargs)
+    fresh = _state(unet, samples, kwargs, fresh=("halo",))
+    halo = {name for name in plain if name.startswith("halo_")}
+    assert halo and any(name.startswith("gn_") for name in plain) and any(name.startswith("k_") for name in plain)
+    assert fresh.keys() == plain.keys() - halo
+
+
 def test_warmup_covering_every_step_equals_sync():
     unet = random_unet("sdxl")
     samples, kwargs = _inputs(unet, 3)

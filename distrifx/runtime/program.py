@@ -28,7 +28,8 @@ def phases_for(mode: Mode) -> tuple[str, ...]:
 
 
 def select_phase(mode: Mode, warmup_steps: int, step: int, new_generation: bool, has_state: bool) -> str:
-    """The graph a call runs: stale mode warms up at the start of a generation and without state.
+    """The graph a call runs: stale mode warms up at the start of a generation and until a warm-up
+    call has built the state the stale graph reads (``has_state``; it may be empty).
 
     Example:
         >>> select_phase(Mode.STALE, warmup_steps=1, step=1, new_generation=False, has_state=True)
@@ -51,22 +52,28 @@ class Generation:
     warmup_steps: int
     steps: StepTracker = field(default_factory=StepTracker)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    has_state: bool = False  # a call of this generation has emitted ``state`` (none if nothing is stale)
 
     def reset(self) -> None:
         """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
         self.steps.reset()
+        self._clear()
+
+    def _clear(self) -> None:
         self.state.clear()
+        self.has_state = False
 
     def next_phase(self, timestep: object, key: Hashable) -> str:
         """Record a call (``timestep``, input signature ``key``) and pick the graph it runs."""
         new_generation = self.steps.advance(timestep, key)
         if new_generation:
-            self.state.clear()
-        return select_phase(self.mode, self.warmup_steps, self.steps.step, new_generation, bool(self.state))
+            self._clear()
+        return select_phase(self.mode, self.warmup_steps, self.steps.step, new_generation, self.has_state)
 
     def run(self, program: RankProgram, phase: str, comm: Communicator, flat_inputs: list[Any]) -> list[Any]:
         """Run ``phase`` with the carried state; keep the state it emits; return the user outputs."""
         outputs, self.state = program.run(phase, comm, flat_inputs, self.state)
+        self.has_state = True
         return outputs
 
     @property
