@@ -272,6 +272,8 @@ def _stale_option_findings(results: list[dict[str, Any]], wide: dict[str, Any] |
         variant = (f"{c['stale_dtype']} stale exchanges" if c.get("stale_dtype") else
                    f"stale values extrapolated by {c['extrapolate']:g}" if c.get("extrapolate") else
                    f"{'+'.join(c['fresh'])} exchanges kept synchronous" if c.get("fresh") else None)
+        if variant and c["gn_variant"] != "corrected":
+            variant = f"GN {c['gn_variant']} and {variant}"
         if wide and variant and c["world_size"] == 2 and c["transport"] and not c["projected"]:
             out.append(
                 f"{variant}: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
