@@ -264,14 +264,20 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     return out + _published_comparison(results)
 
 
+# A stale option of BenchCase and FidelityCase (falsy when unset): its default, what a value of it does, and what the default reads.
+_STALE_OPTIONS: dict[str, tuple[Any, Callable[[Any], str], str]] = {
+    "stale_dtype": (None, lambda v: f"{v} stale exchanges", "exchanges in the activations' dtype"),
+    "extrapolate": (0.0, lambda v: f"stale values extrapolated by {v:g}", "the last step's values"),
+    "fresh": ((), lambda v: f"{'+'.join(v)} exchanges kept synchronous", "the last step's values"),
+}
+
+
 def _stale_option_findings(results: list[dict[str, Any]], wide: dict[str, Any] | None) -> list[str]:
     """Each 2-rank stale run with narrowed, extrapolated or synchronous exchanges against the default one."""
     out = []
     for r in results:
         c = r["case"]
-        variant = (f"{c['stale_dtype']} stale exchanges" if c.get("stale_dtype") else
-                   f"stale values extrapolated by {c['extrapolate']:g}" if c.get("extrapolate") else
-                   f"{'+'.join(c['fresh'])} exchanges kept synchronous" if c.get("fresh") else None)
+        variant = next((what(c[option]) for option, (_, what, _) in _STALE_OPTIONS.items() if c.get(option)), None)
         if variant and c["gn_variant"] != "corrected":
             variant = f"GN {c['gn_variant']} and {variant}"
         if wide and variant and c["world_size"] == 2 and c["transport"] and not c["projected"]:
@@ -463,14 +469,6 @@ def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
 
 def _standard_error(values: list[float]) -> float:
     return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
-
-
-# A stale option of FidelityCase: its default, what a value of it does, and what the default reads.
-_STALE_OPTIONS: dict[str, tuple[Any, Callable[[Any], str], str]] = {
-    "stale_dtype": (None, lambda v: f"{v} stale exchanges", "exchanges in the activations' dtype"),
-    "extrapolate": (0.0, lambda v: f"stale values extrapolated by {v:g}", "the last step's values"),
-    "fresh": ((), lambda v: f"{'+'.join(v)} exchanges kept synchronous", "the last step's values"),
-}
 
 
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
