@@ -23,7 +23,8 @@ from typing import Any
 import torch
 
 from distrifx.bench import BACKENDS, DTYPES
-from distrifx.config import FRESH_KINDS, STALE_DTYPES, GNVariant, Mode
+from distrifx.config import FRESH_KINDS, STALE_DTYPES, GNVariant, Mode, fresh_kinds
+from distrifx.errors import ConfigError
 from distrifx.models import UNET_CONFIGS
 
 __all__ = ["main", "build_parser"]
@@ -73,12 +74,10 @@ def _stale_dtypes(p: argparse.ArgumentParser) -> None:
 
 def _fresh_set(text: str) -> list[str]:
     """``halo``, ``halo,kv`` or ``none``: a set of exchange kinds, sorted."""
-    kinds = [] if text == "none" else sorted(set(text.split(",")))
-    unknown = [k for k in kinds if k not in FRESH_KINDS]
-    if unknown:
-        raise argparse.ArgumentTypeError(f"{text!r}: {', '.join(unknown)} is not one of {', '.join(FRESH_KINDS)} "
-                                         "(or none); separate several with commas")
-    return kinds
+    try:
+        return list(fresh_kinds([] if text == "none" else text.split(",")))
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} (none, or kinds separated by commas): {exc}") from exc
 
 
 def _fresh_sets(p: argparse.ArgumentParser) -> None:
@@ -331,7 +330,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
     options = vars(args)
     if options["fresh"] is not None:  # as an export's manifest lists them
-        options["fresh"] = sorted(set(options["fresh"]))
+        options["fresh"] = list(fresh_kinds(options["fresh"]))
     if args.engines is not None:
         options = _engine_options(options)
     else:

@@ -10,7 +10,8 @@ import torch
 
 from distrifx.errors import ConfigError
 
-__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES", "FRESH_KINDS", "dtype_name"]
+__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES", "FRESH_KINDS", "dtype_name",
+           "fresh_kinds"]
 
 # What stale exchanges may travel and be kept in: narrower floats than the activations.
 STALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -76,7 +77,7 @@ def _stale_dtype(value: object) -> torch.dtype | None:
                       f"{', '.join(repr(n) for n in STALE_DTYPES)} (torch dtypes or their names).")
 
 
-def _fresh(value: object) -> tuple[str, ...]:
+def fresh_kinds(value: object) -> tuple[str, ...]:
     """``fresh`` as a sorted tuple of exchange kinds; one kind may be given as a string."""
     kinds = (value,) if isinstance(value, str) else value
     if isinstance(kinds, (tuple, list, set, frozenset)) and all(k in FRESH_KINDS for k in kinds):
@@ -114,7 +115,7 @@ class ParallelConfig:
         object.__setattr__(self, "backend", _enum(Backend, self.backend, "backend"))
         object.__setattr__(self, "kv_exchange", _enum(KVExchange, self.kv_exchange, "kv_exchange"))
         object.__setattr__(self, "stale_dtype", _stale_dtype(self.stale_dtype))
-        object.__setattr__(self, "fresh", _fresh(self.fresh))
+        object.__setattr__(self, "fresh", fresh_kinds(self.fresh))
         problems = []
         if not isinstance(self.world_size, int) or self.world_size < 1:
             problems.append(f"world_size={self.world_size!r} must be a positive int")

@@ -145,40 +145,30 @@ def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model
             assert error < 0.5 * float((unrounded.sample - want.sample).abs().max())
 
 
-@pytest.mark.parametrize("format", ["pt2", "onnx"])
-def test_extrapolated_stale_export_equals_the_eager_runtime_and_stores_the_option(model, tmp_path, format):
+@pytest.mark.parametrize("format,option,value,stored", [
+    ("pt2", "extrapolate", 0.5, 0.5),
+    ("onnx", "extrapolate", 0.5, 0.5),
+    ("pt2", "fresh", ("halo",), ["halo"]),
+])
+def test_stale_option_export_equals_the_eager_runtime_and_stores_the_option(model, tmp_path, format, option, value,
+                                                                            stored):
+    """Extrapolated stale values, or halo rows exchanged synchronously, survive export and load."""
     unet, (sample, _), kwargs = model
-    options = dict(mode="stale", warmup_steps=1, extrapolate=0.5)
+    options = dict(mode="stale", warmup_steps=1)
     distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, format=format,
-                    **options)
-    assert json.loads((tmp_path / MANIFEST).read_text())["options"]["extrapolate"] == 0.5
+                    **options, **{option: value})
+    assert json.loads((tmp_path / MANIFEST).read_text())["options"][option] == stored
     samples = _samples(sample)
     loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
 
-    def parallel(extrapolate):
-        return _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g,
-                                                     **{**options, "extrapolate": extrapolate}), samples, kwargs)
+    def parallel(**extra):
+        return _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, **options, **extra),
+                      samples, kwargs)
 
-    eager, plain = parallel(0.5), parallel(0.0)
+    eager, plain = parallel(**{option: value}), parallel()
     for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
         assert float((got.sample - want.sample).abs().max()) < 1e-5
-    # the last step reads values two steps old: the stored program extrapolates them
-    assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
-
-
-def test_export_with_fresh_halo_rows_equals_the_eager_runtime_and_stores_the_option(model, tmp_path):
-    unet, (sample, _), kwargs = model
-    options = dict(mode="stale", warmup_steps=1, fresh=("halo",))
-    distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, **options)
-    assert json.loads((tmp_path / MANIFEST).read_text())["options"]["fresh"] == ["halo"]
-    samples = _samples(sample)
-    loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
-    eager = _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, **options), samples,
-                   kwargs)
-    plain = _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, mode="stale",
-                                                  warmup_steps=1), samples, kwargs)
-    for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
-        assert float((got.sample - want.sample).abs().max()) < 1e-5
+    # by the last step the option has changed what was read: the stored program applies it
     assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
 
 
