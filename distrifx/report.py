@@ -94,6 +94,11 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # stale is keys/values only, or also the statistics.
         "fidelity-fresh": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected",
                            "sync", "--fresh-sets", "halo", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
+        # The two that gained most together: halo rows and GroupNorm statistics synchronous, the keys/values
+        # that stay stale extrapolated.
+        "fidelity-fresh-extrapolate": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants",
+                                       "sync", "--extrapolations", "0", "0.5", "--fresh-sets", "halo", "--seeds",
+                                       *TARGET_SEEDS, "--size", "32", "--steps", "20"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
         # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
         # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
@@ -108,7 +113,7 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                     "--stale-dtypes", "none", "bfloat16", "--steps", "3", "--warmup-steps", "1", "--project", "2",
                     "--link-gbps", "1", "--no-transport"),
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--stale-dtypes",
-                     "none", "bfloat16", "--extrapolations", "0.5", "--fresh-sets", "none", "halo", "--seeds", "0",
+                     "none", "bfloat16", "--extrapolations", "0", "0.5", "--fresh-sets", "none", "halo", "--seeds", "0",
                      "--size", "32", "--steps", "3"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "8", "--world-sizes", "2"),
         "profile": ("profile", "--model", "sd15", "--latent", "16", "--world-size", "2", "--warmup-steps", "1",

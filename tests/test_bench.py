@@ -124,10 +124,12 @@ def test_report_runs_every_section_end_to_end(tmp_path):
                      "bfloat16 exchanges): ", "N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 1, GN "
                      "corrected, extrapolated 0.5): ",
                      "N=2, halo exchanges kept synchronous (N=2 stale, warm-up 1, GN corrected, fresh halo): ",
+                     "N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 1, GN corrected, extrapolated 0.5, "
+                     "fresh halo): ",
                      "## Where one rank's step goes: profile", "| **step** |", "Under the profiler one rank's step",
                      "aten ops per step against the unmodified model's",
                      f"distrifx fidelity --world-sizes 2 --warmups 1 --gn-variants corrected --stale-dtypes none "
-                     f"bfloat16 --extrapolations 0.5 --fresh-sets none halo --seeds 0 --size 32 --steps 3 --out "
+                     f"bfloat16 --extrapolations 0 0.5 --fresh-sets none halo --seeds 0 --size 32 --steps 3 --out "
                      f"{tmp_path / 'bench' / 'fidelity'}"):
         assert expected in page, expected
 

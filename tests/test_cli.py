@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distrifx.cli import main
+from distrifx.cli import _fidelity_cases, build_parser, main
 from distrifx.default_model import load_default_pipeline
 from distrifx.models import tiny_pipeline
 
@@ -27,6 +27,15 @@ def test_help_explains_the_commands():
     text = _distrifx("generate", "--help")
     for flag in ("--model", "--prompt", "--world-size", "--mode", "--warmup-steps", "--seed", "--out"):
         assert flag in text
+
+
+def test_fidelity_crosses_extrapolations_with_fresh_sets_and_gn_variants():
+    args = build_parser().parse_args(["fidelity", "--world-sizes", "2", "--warmups", "4", "--gn-variants", "sync",
+                                      "--extrapolations", "0", "0.5", "--fresh-sets", "none", "halo"])
+    stale = "N=2 stale, warm-up 4, GN"
+    assert [case.label for case in _fidelity_cases(args)] == [
+        f"{stale} corrected", f"{stale} sync", f"{stale} sync, fresh halo", f"{stale} sync, extrapolated 0.5",
+        f"{stale} sync, extrapolated 0.5, fresh halo", "N=2 sync", "N=2 naive"]
 
 
 def test_generate_on_the_embedded_default_writes_a_png(tmp_path):
