@@ -9,6 +9,7 @@ against the reference.
 from __future__ import annotations
 
 import itertools
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -117,7 +118,7 @@ def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, 
 
     labels = list(images)
     seeds = min(len(images["reference"]), max_seeds)
-    fig, axes = plt.subplots(seeds, len(labels), figsize=(2.2 * len(labels), 2.4 * seeds), squeeze=False)
+    fig, axes = plt.subplots(seeds, len(labels), figsize=(2.2 * len(labels), 2.8 * seeds), squeeze=False)
     for s in range(seeds):
         for c, label in enumerate(labels):
             ax = axes[s][c]
@@ -128,7 +129,7 @@ def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, 
                 ax.set_title("1 device", fontsize=8)
             else:
                 value = [r for r in rows if r["label"] == label][s]["psnr_db"]
-                ax.set_title(f"{label}\n{value:.1f} dB", fontsize=7)
+                ax.set_title(f"{textwrap.fill(label, 30)}\n{value:.1f} dB", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

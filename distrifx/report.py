@@ -64,6 +64,11 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-64-fresh": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                "stale", "--gn-variants", "corrected", "sync", "--fresh-sets", "none", "halo",
                                "--steps", "12", "--rounds", "2", "--threads", "1"),
+        # What the most faithful stale configurations cost: GN sync, with halo rows fresh and K/V extrapolated.
+        "sd15-half-64-fresh-extrapolate": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2",
+                                           "--modes", "stale", "--gn-variants", "sync", "--fresh-sets", "none", "halo",
+                                           "--extrapolations", "0", "0.5", "--steps", "12", "--rounds", "2",
+                                           "--threads", "1"),
         "sd15-half-64": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "4", "--modes", "sync",
                          "stale", "naive", "--gn-variants", "corrected", "sync", "--steps", "12", "--threads", "1",
                          "--project", "2", "4", "8", "--no-transport"),
@@ -506,7 +511,8 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
               "distribution (see the figure) but remain a real denoising trajectory of the same network."
               if size != trained else "")
     extrapolated, fresh = any(r.get("extrapolate") for r in rows), any(r.get("fresh") for r in rows)
-    title = ", extrapolated stale values" if extrapolated else ", exchanges kept synchronous" if fresh else ""
+    parts = ["exchanges kept synchronous"] * fresh + ["extrapolated stale values"] * extrapolated
+    title = f", {' and '.join(parts)}" if parts else ""
     variants = sorted({r["gn_variant"] for r in rows if r.get("extrapolate") or r.get("fresh")})
     title += f" (GN {', '.join(variants)})" if title and variants != ["corrected"] else ""
     ahead = (" Configurations marked *extrapolated λ* read their neighbours' halo rows and keys/values as the last "

@@ -393,6 +393,24 @@ def test_fidelity_findings_compare_an_extrapolated_configuration_with_the_same_o
                               "stale values\n")
 
 
+def test_fidelity_findings_pair_a_combined_configuration_with_each_option_left_out():
+    from distrifx.report import _fidelity_findings, _fidelity_section
+
+    halo = _case_rows(FidelityCase(2, "stale", gn_variant="sync", fresh=("halo",)), 40.0, 40.0)
+    both = _case_rows(FidelityCase(2, "stale", gn_variant="sync", extrapolate=0.5, fresh=("halo",)), 44.0, 42.0)
+    rows = _fidelity_rows() + halo + both
+    paired = [f for f in _fidelity_findings(rows) if "extrapolated by" in f or "kept synchronous" in f]
+    assert paired == [
+        "N=2, halo exchanges kept synchronous (N=2 stale, warm-up 4, GN sync, fresh halo): 40.0 dB, -27.50 dB against "
+        "the last step's values (standard error 31.50 dB over seeds; better on 1 of 2).",  # GN sync's seed 0 counts 99
+        "N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 4, GN sync, extrapolated 0.5, fresh halo): 43.0 dB, "
+        "+3.00 dB against the last step's values (standard error 1.00 dB over seeds; better on 2 of 2)."]
+    section = _fidelity_section("f", {"command": "distrifx fidelity",
+                                      "results": [{**r, "size": 32, "steps": 20} for r in rows]})
+    assert section.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels, exchanges "
+                              "kept synchronous and extrapolated stale values (GN sync)\n")
+
+
 def test_fidelity_sections_name_the_size_and_the_patch_rows():
     from distrifx.report import _fidelity_section
 
