@@ -511,7 +511,8 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
               "distribution (see the figure) but remain a real denoising trajectory of the same network."
               if size != trained else "")
     extrapolated, fresh = any(r.get("extrapolate") for r in rows), any(r.get("fresh") for r in rows)
-    parts = ["exchanges kept synchronous"] * fresh + ["extrapolated stale values"] * extrapolated
+    parts = [name for name, swept in (("exchanges kept synchronous", fresh), ("extrapolated stale values", extrapolated))
+             if swept]
     title = f", {' and '.join(parts)}" if parts else ""
     variants = sorted({r["gn_variant"] for r in rows if r.get("extrapolate") or r.get("fresh")})
     title += f" (GN {', '.join(variants)})" if title and variants != ["corrected"] else ""
