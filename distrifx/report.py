@@ -287,12 +287,11 @@ def _stale_option_findings(results: list[dict[str, Any]], wide: dict[str, Any] |
     out = []
     for r in results:
         c = r["case"]
-        variant = next((what(c[option]) for option, (_, what, _) in _STALE_OPTIONS.items() if c.get(option)), None)
-        if variant and c["gn_variant"] != "corrected":
-            variant = f"GN {c['gn_variant']} and {variant}"
-        if wide and variant and c["world_size"] == 2 and c["transport"] and not c["projected"]:
+        options = [what(c[option]) for option, (_, what, _) in _STALE_OPTIONS.items() if c.get(option)]
+        gn = [f"GN {c['gn_variant']}"] if c["gn_variant"] != "corrected" else []
+        if wide and options and c["world_size"] == 2 and c["transport"] and not c["projected"]:
             out.append(
-                f"{variant}: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
+                f"{' and '.join(gn + options)}: {r['speedup']:.2f}x against {wide['speedup']:.2f}x; "
                 f"{r['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step (against "
                 f"{wide['bytes_sent_per_step'] / 2**20:.1f}), stale buffers {r['state_bytes'] / 2**20:.1f} MiB "
                 f"(against {wide['state_bytes'] / 2**20:.1f}); the rank's other threads used "

@@ -468,7 +468,8 @@ def test_stale_option_findings_compare_each_option_with_the_default_stale_run():
     default = run(2.5, 48)
     findings = _stale_option_findings([default, run(2.6, 96, extrapolate=0.5), run(2.5, 24, stale_dtype="bfloat16"),
                                        run(2.6, 96, extrapolate=0.5, projected=True),
-                                       run(2.6, 44, gn_variant="sync", fresh=["halo"])], default)
+                                       run(2.6, 44, gn_variant="sync", fresh=["halo"]),
+                                       run(2.7, 88, gn_variant="sync", extrapolate=0.5, fresh=["halo"])], default)
     assert findings == [
         "stale values extrapolated by 0.5: 1.92x against 2.00x; 1.0 MiB sent per rank per step (against 1.0), stale "
         "buffers 96.0 MiB (against 48.0); the rank's other threads used 0.010 s of CPU per step (against 0.010).",
@@ -476,4 +477,7 @@ def test_stale_option_findings_compare_each_option_with_the_default_stale_run():
         "24.0 MiB (against 48.0); the rank's other threads used 0.010 s of CPU per step (against 0.010).",
         "GN sync and halo exchanges kept synchronous: 1.92x against 2.00x; 1.0 MiB sent per rank per step (against "
         "1.0), stale buffers 44.0 MiB (against 48.0); the rank's other threads used 0.010 s of CPU per step (against "
-        "0.010)."]
+        "0.010).",
+        "GN sync and stale values extrapolated by 0.5 and halo exchanges kept synchronous: 1.85x against 2.00x; 1.0 MiB "
+        "sent per rank per step (against 1.0), stale buffers 88.0 MiB (against 48.0); the rank's other threads used "
+        "0.010 s of CPU per step (against 0.010)."]
