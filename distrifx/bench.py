@@ -46,7 +46,7 @@ class BenchCase:
     width: int = 64
     batch: int = 1
     world_size: int = 2
-    mode: str = "stale"  # "eager" is the unmodified model on one rank (the baseline)
+    mode: str = "stale"  # "eager": the unmodified model on one rank (the baseline); "copies": on every rank at once
     steps: int = 8
     warmup_steps: int = 4
     gn_variant: str = "corrected"  # stale mode's GroupNorm statistics
@@ -71,6 +71,9 @@ class BenchCase:
             raise ConfigError(f"bench case {self.label!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"bench case {self.label!r}: backend {self.backend!r} is not one of {BACKENDS}")
+        if self.mode == "copies" and (self.projected or self.world_size < 2):
+            raise ConfigError(f"bench case {self.label!r}: copies run the unmodified model on every one of "
+                              "world_size >= 2 real ranks at once; they cannot be timed alone or on one rank")
 
     @property
     def label(self) -> str:
@@ -176,7 +179,7 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
         group = TimingCommunicator(min(1, case.world_size - 1), case.world_size, 60.0)
     elif not case.transport:
         group = TimingCommunicator(dist.get_rank(), case.world_size, 60.0)
-    if case.mode == "eager":
+    if case.mode in ("eager", "copies"):
         model = unet if case.backend == "eager" else compile_module(unet, case.backend)
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
@@ -302,8 +305,16 @@ def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True,
     baselines = {_baseline_key(r["case"]): r["step_s"] for r in results if r["case"]["mode"] == "eager"}
     for r in results:
         key = _baseline_key(r["case"])
-        r["speedup"] = baselines[key] / r["step_s"] if key in baselines else None
+        r["speedup"] = _speedup(r["case"], baselines[key], r["step_s"]) if key in baselines else None
     return results
+
+
+def _speedup(case: dict[str, Any], baseline_s: float, step_s: float) -> float:
+    """Over one rank: the baseline's step time over this one's. N copies do N steps in one step time, so
+    theirs is N times that: the speedup a perfect split of the work with free communication would reach
+    on this machine, whose ranks slow each other down as the copies do."""
+    copies = case["world_size"] if case["mode"] == "copies" else 1
+    return copies * baseline_s / step_s
 
 
 def _baseline_key(case: dict[str, Any]) -> tuple:
@@ -363,6 +374,9 @@ def write_results(results: list[dict[str, Any]], out_dir: Path, command: str) ->
     )
 
 
+CEILING = "this machine's ceiling (N copies of the model at once)"  # the speedup plot's series of copies
+
+
 def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Speedup against world size (with the ideal N x) and a stacked step-time breakdown."""
     import matplotlib
@@ -377,13 +391,13 @@ def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     for r in results:
         c = r["case"]
         if c["mode"] != "eager" and r["speedup"] is not None:
-            key = r["label"].replace(f" N={c['world_size']}", "")
+            key = CEILING if c["mode"] == "copies" else r["label"].replace(f" N={c['world_size']}", "")
             series.setdefault(key, []).append((c["world_size"], r["speedup"]))
     sizes = sorted({n for points in series.values() for n, _ in points} | {1})
     ax.plot(sizes, sizes, "k--", label="ideal N x")
     for key, points in sorted(series.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=key)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "k^:" if key == CEILING else "o-", label=key)
     ax.set_xlabel("ranks (N)")
     ax.set_ylabel("speedup over one rank")
     ax.set_xticks(sizes)

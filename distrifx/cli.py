@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-transport", action="store_true",
                        help="also run stale mode's ranks together with collectives that return at once: "
                             "what the ranks cost each other on this machine, without the transport")
+    bench.add_argument("--ceiling", action="store_true",
+                       help="also run the unmodified model on every rank at once (N independent copies, no "
+                            "collectives): N times its step rate over one rank's is the speedup a perfect split of "
+                            "the work would reach on this machine, whose ranks share cores, caches and memory")
     bench.add_argument("--component", choices=["unet", "vae"], default="unet",
                        help="unet: step latency, speedup and communication (default); vae: peak memory of SD's "
                             "VAE decoder per rank at each world size (--latent's first size, world size 1 included)")
@@ -410,6 +414,8 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
             cases += [BenchCase(world_size=n, mode="stale", transport=False, **common) for n in args.world_sizes]
+        if args.ceiling:
+            cases += [BenchCase(world_size=n, mode="copies", **common) for n in args.world_sizes if n > 1]
     links = tuple(Link(gbps, args.link_latency_us) for gbps in args.link_gbps)
     results = run_cases(cases, rounds=args.rounds, links=links)
     write_results(results, args.out, "distrifx " + " ".join(argv))

@@ -51,7 +51,7 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # With bfloat16 stale exchanges too: half the bytes gloo moves on the cores the ranks compute on.
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                 "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
-                                "--threads", "1", "--project", "2", "--no-transport"),
+                                "--threads", "1", "--project", "2", "--no-transport", "--ceiling"),
         # What extrapolated stale values cost a rank: one elementwise op per exchange, twice the stale buffers.
         "sd15-half-64-extrapolate": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2",
                                      "--modes", "stale", "--extrapolations", "0", "0.5", "--steps", "12", "--rounds",
@@ -116,7 +116,7 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "tiny": {
         "sd15-16": ("bench", "--model", "sd15", "--latent", "16", "--world-sizes", "2", "--modes", "stale",
                     "--stale-dtypes", "none", "bfloat16", "--steps", "3", "--warmup-steps", "1", "--project", "2",
-                    "--link-gbps", "1", "--no-transport"),
+                    "--link-gbps", "1", "--no-transport", "--ceiling"),
         "fidelity": ("fidelity", "--world-sizes", "2", "--warmups", "1", "--gn-variants", "corrected", "--stale-dtypes",
                      "none", "bfloat16", "--extrapolations", "0", "0.5", "--fresh-sets", "none", "halo", "--seeds", "0",
                      "--size", "32", "--steps", "3"),
@@ -254,6 +254,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                f"{together['background_cpu_s']:.3f} s without transport."
                if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
     out += _stale_option_findings(results, stale)
+    out += _ceiling_findings(results, eager)
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
@@ -272,6 +273,23 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                    "all exchanges) (`distrifx.bench.projected_step`); stale exchanges are assumed to overlap "
                    "compute fully, sync ones not at all, and communication not to slow compute down.")
     return out + _published_comparison(results)
+
+
+def _ceiling_findings(results: list[dict[str, Any]], eager: dict[str, Any] | None) -> list[str]:
+    """Per world size run with ``--ceiling``: how much N busy ranks slow each other on this machine, the
+    speedup that leaves a perfect split, and how much of it stale mode reaches."""
+    out = []
+    for copies in (r for r in results if r["case"]["mode"] == "copies") if eager else ():
+        n, stale = copies["case"]["world_size"], _find(results, "stale", copies["case"]["world_size"])
+        out.append(
+            f"N={n} copies (the unmodified model on each of {n} ranks at once, no collectives): "
+            f"{copies['step_s']:.3f} s per step against {eager['step_s']:.3f} s on one rank alone "
+            f"({_pct(copies['step_s'], eager['step_s'])}): a perfect split of the work with free communication "
+            f"would reach {copies['speedup']:.2f}x here, this machine's ceiling for {n} ranks (not a strict bound: "
+            f"a rank's smaller patch may fit the caches better)."
+            + (f" N={n} stale reaches {stale['speedup']:.2f}x, {100 * stale['speedup'] / copies['speedup']:.0f}% "
+               f"of it." if stale else ""))
+    return out
 
 
 # A stale option of BenchCase and FidelityCase (falsy when unset): its default, what a value of it does, and what the default reads.
@@ -362,8 +380,11 @@ def _target_lines(key: str, results: list[dict[str, Any]], target: str | None, p
     if not stale or not _target_config(results):
         return []
     if key == target:
+        copies = _find(results, "copies", 2)
+        ceiling = (f"; this machine's ceiling for 2 ranks, measured in the same rounds (N=2 copies), is "
+                   f"{copies['speedup']:.2f}x" if copies else "")
         return [f"Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
-                f"({stale['speedup']:.2f}x)."] + (
+                f"({stale['speedup']:.2f}x{ceiling})."] + (
             [f"Where one rank alone loses against 2x, op by op: section {profile}."] if profile else [])
     return [f"The speedup target is judged in section {target}, which has more rounds. This run measured "
             f"{stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "

@@ -82,7 +82,8 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     narrow = "sd15 16x16 b1 N=2 stale bfloat16 exchanges"
     assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale", narrow,
                       "sd15 16x16 b1 N=2 stale (one rank timed alone)", f"{narrow} (one rank timed alone)",
-                      "sd15 16x16 b1 N=2 stale (no transport)", "sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)",
+                      "sd15 16x16 b1 N=2 stale (no transport)", "sd15 16x16 b1 N=2 copies",
+                      "sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)",
                       f"{narrow} (projected over 1 GB/s, 15 us)"]
     by_label = dict(zip(labels, bench["results"]))
     stale = by_label["sd15 16x16 b1 N=2 stale"]
@@ -97,6 +98,9 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     assert len(alone["per_rank"]) == 1
     projected = by_label["sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)"]
     assert projected["compute_s"] == alone["step_s"] and projected["step_s"] > alone["step_s"]
+    copies = by_label["sd15 16x16 b1 N=2 copies"]  # the unmodified model on both ranks at once
+    assert len(copies["per_rank"]) == 2 and copies["bytes_sent_per_step"] == 0 and copies["state_bytes"] == 0
+    assert copies["speedup"] == pytest.approx(2 * by_label["sd15 16x16 b1 N=1 eager"]["step_s"] / copies["step_s"])
     assert (tmp_path / "bench" / "sd15-16" / "speedup.png").stat().st_size > 0
 
     vae = json.loads((tmp_path / "bench" / "vae-memory" / "results.json").read_text())["results"]
@@ -116,6 +120,7 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     page = (tmp_path / "benchmarks.md").read_text()
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
                      "two stale ranks run together with collectives that return at once", "of CPU per step with gloo",
+                     "N=2 copies (the unmodified model on each of 2 ranks at once, no collectives): ",
                      "Rows marked *projected* are projections", "## Bytes per step, by exchange", "| kv | 8 |",
                      "## Fidelity on the trained default model: 3 DDIM steps, 32x32 pixels",
                      "patches of 16 rows at N=2.",
@@ -455,6 +460,30 @@ def test_one_rank_alone_is_called_a_bound_only_when_it_is_one(alone_s, expected)
                _speed_result("stale", 2, alone_s, projected=True)]
     (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("One stale rank timed alone")]
     assert expected in finding
+
+
+def test_copies_measure_the_machine_ceiling_and_the_target_is_set_against_it(monkeypatch):
+    """N copies of the unmodified model at once do N steps per step time: N x the baseline's rate is what a
+    perfect split could reach; the findings and the target's verdict say how much of it stale mode reaches."""
+    from distrifx import bench
+    from distrifx.report import _speed_findings, _target_lines
+
+    walls = {"eager": [9.0, 4.0, 4.0], "copies": [9.0, 4.4, 4.4], "stale": [9.0, 2.5, 2.5]}
+    monkeypatch.setattr(bench, "measure_case", lambda case: _measured(case, walls[case.mode]))
+    cases = [bench.BenchCase(model="sd15-half", world_size=1, mode="eager", steps=3),
+             bench.BenchCase(model="sd15-half", world_size=2, mode="copies", steps=3),
+             bench.BenchCase(model="sd15-half", world_size=2, mode="stale", steps=3, warmup_steps=1)]
+    results = bench.run_cases(cases, progress=False)
+    assert [r["speedup"] for r in results] == pytest.approx([1.0, 2 * 4.0 / 4.4, 1.6])
+    (ceiling,) = [f for f in _speed_findings(results, 2) if f.startswith("N=2 copies")]
+    assert ("4.400 s per step against 4.000 s on one rank alone (+10%): a perfect split of the work with free "
+            "communication would reach 1.82x here") in ceiling
+    assert ceiling.endswith("N=2 stale reaches 1.60x, 88% of it.")
+    (verdict,) = _target_lines("t", results, "t", None)
+    assert verdict == ("Target: 2-rank stale at least 1.9x here: **not met** (1.60x; this machine's ceiling for 2 ranks, "
+                       "measured in the same rounds (N=2 copies), is 1.82x).")
+    with pytest.raises(ConfigError, match="copies run the unmodified model on every one of world_size >= 2 real"):
+        bench.BenchCase(world_size=2, mode="copies", projected=True)
 
 
 def test_stale_option_findings_compare_each_option_with_the_default_stale_run():
