@@ -29,9 +29,9 @@ from torch.utils._pytree import tree_map
 
 from distrifx.errors import ConfigError
 
-__all__ = ["BenchCase", "Link", "projected_step", "build_case", "measure_case", "run_cases", "markdown_table",
-           "machine_description", "plot_results", "write_results", "read_results", "write_json", "run_vae_memory",
-           "vae_memory_table"]
+__all__ = ["BenchCase", "Link", "projected_step", "build_case", "baseline_key", "measure_case", "run_cases",
+           "markdown_table", "machine_description", "plot_results", "write_results", "read_results", "write_json",
+           "run_vae_memory", "vae_memory_table"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("eager", "inductor")  # what bench can run: the baseline is compiled with the same torch.compile backend
@@ -302,9 +302,9 @@ def run_cases(cases: list[BenchCase], rounds: int = 1, progress: bool = True,
                 bar.update()
     results = [_summarize(case, runs) for case, runs in zip(cases, measured)]
     results += [_projection(r, link) for link in links for r in results if r["case"]["projected"]]
-    baselines = {_baseline_key(r["case"]): r["step_s"] for r in results if r["case"]["mode"] == "eager"}
+    baselines = {baseline_key(r["case"]): r["step_s"] for r in results if r["case"]["mode"] == "eager"}
     for r in results:
-        key = _baseline_key(r["case"])
+        key = baseline_key(r["case"])
         r["speedup"] = _speedup(r["case"], baselines[key], r["step_s"]) if key in baselines else None
     return results
 
@@ -317,7 +317,7 @@ def _speedup(case: dict[str, Any], baseline_s: float, step_s: float) -> float:
     return copies * baseline_s / step_s
 
 
-def _baseline_key(case: dict[str, Any]) -> tuple:
+def baseline_key(case: dict[str, Any]) -> tuple:
     """What a configuration is compared with: the unmodified model on the same input, run by the same backend."""
     return case["model"], case["height"], case["width"], case["batch"], case.get("backend", "eager")
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distrifx.bench import markdown_table, read_results, vae_memory_table
+from distrifx.bench import baseline_key, markdown_table, read_results, vae_memory_table
 from distrifx.breakdown import breakdown_findings, breakdown_table
 from distrifx.errors import ConfigError
 from distrifx.fidelity import fidelity_table
@@ -254,7 +254,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                f"{together['background_cpu_s']:.3f} s without transport."
                if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
     out += _stale_option_findings(results, stale)
-    out += _ceiling_findings(results, eager)
+    out += _ceiling_findings(results)
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
@@ -275,16 +275,18 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     return out + _published_comparison(results)
 
 
-def _ceiling_findings(results: list[dict[str, Any]], eager: dict[str, Any] | None) -> list[str]:
+def _ceiling_findings(results: list[dict[str, Any]]) -> list[str]:
     """Per world size run with ``--ceiling``: how much N busy ranks slow each other on this machine, the
-    speedup that leaves a perfect split, and how much of it stale mode reaches."""
+    speedup that leaves a perfect split, and how much of it stale mode on the same model reaches."""
     out = []
-    for copies in (r for r in results if r["case"]["mode"] == "copies") if eager else ():
-        n, stale = copies["case"]["world_size"], _find(results, "stale", copies["case"]["world_size"])
+    for copies in (r for r in results if r["case"]["mode"] == "copies" and r["speedup"]):
+        n = copies["case"]["world_size"]
+        alone_s = copies["speedup"] * copies["step_s"] / n  # its baseline's step
+        stale = _find([r for r in results if baseline_key(r["case"]) == baseline_key(copies["case"])], "stale", n)
         out.append(
             f"N={n} copies (the unmodified model on each of {n} ranks at once, no collectives): "
-            f"{copies['step_s']:.3f} s per step against {eager['step_s']:.3f} s on one rank alone "
-            f"({_pct(copies['step_s'], eager['step_s'])}): a perfect split of the work with free communication "
+            f"{copies['step_s']:.3f} s per step against {alone_s:.3f} s on one rank alone "
+            f"({_pct(copies['step_s'], alone_s)}): a perfect split of the work with free communication "
             f"would reach {copies['speedup']:.2f}x here, this machine's ceiling for {n} ranks (not a strict bound: "
             f"a rank's smaller patch may fit the caches better)."
             + (f" N={n} stale reaches {stale['speedup']:.2f}x, {100 * stale['speedup'] / copies['speedup']:.0f}% "

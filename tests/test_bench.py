@@ -468,18 +468,21 @@ def test_copies_measure_the_machine_ceiling_and_the_target_is_set_against_it(mon
     from distrifx import bench
     from distrifx.report import _speed_findings, _target_lines
 
-    walls = {"eager": [9.0, 4.0, 4.0], "copies": [9.0, 4.4, 4.4], "stale": [9.0, 2.5, 2.5]}
-    monkeypatch.setattr(bench, "measure_case", lambda case: _measured(case, walls[case.mode]))
-    cases = [bench.BenchCase(model="sd15-half", world_size=1, mode="eager", steps=3),
-             bench.BenchCase(model="sd15-half", world_size=2, mode="copies", steps=3),
-             bench.BenchCase(model="sd15-half", world_size=2, mode="stale", steps=3, warmup_steps=1)]
+    walls = {(64, "eager"): [9.0, 4.0, 4.0], (64, "copies"): [9.0, 4.4, 4.4], (64, "stale"): [9.0, 2.5, 2.5],
+             (32, "eager"): [9.0, 2.0, 2.0], (32, "copies"): [9.0, 2.2, 2.2], (32, "stale"): [9.0, 1.0, 1.0]}
+    monkeypatch.setattr(bench, "measure_case", lambda case: _measured(case, walls[case.height, case.mode]))
+    cases = [bench.BenchCase(model="sd15-half", height=h, width=h, world_size=n, mode=mode, steps=3, warmup_steps=1)
+             for h in (64, 32) for n, mode in ((1, "eager"), (2, "copies"), (2, "stale"))]
     results = bench.run_cases(cases, progress=False)
-    assert [r["speedup"] for r in results] == pytest.approx([1.0, 2 * 4.0 / 4.4, 1.6])
-    (ceiling,) = [f for f in _speed_findings(results, 2) if f.startswith("N=2 copies")]
+    assert [r["speedup"] for r in results] == pytest.approx([1.0, 2 * 4.0 / 4.4, 1.6, 1.0, 2 * 2.0 / 2.2, 2.0])
+    findings = [f for f in _speed_findings(results, 2) if f.startswith("N=2 copies")]
     assert ("4.400 s per step against 4.000 s on one rank alone (+10%): a perfect split of the work with free "
-            "communication would reach 1.82x here") in ceiling
-    assert ceiling.endswith("N=2 stale reaches 1.60x, 88% of it.")
-    (verdict,) = _target_lines("t", results, "t", None)
+            "communication would reach 1.82x here") in findings[0]
+    assert findings[0].endswith("N=2 stale reaches 1.60x, 88% of it.")
+    # each model's copies against its own baseline and its own stale run
+    assert "2.200 s per step against 2.000 s on one rank alone" in findings[1]
+    assert findings[1].endswith("N=2 stale reaches 2.00x, 110% of it.") and len(findings) == 2
+    (verdict,) = _target_lines("t", results[:3], "t", None)
     assert verdict == ("Target: 2-rank stale at least 1.9x here: **not met** (1.60x; this machine's ceiling for 2 ranks, "
                        "measured in the same rounds (N=2 copies), is 1.82x).")
     with pytest.raises(ConfigError, match="copies run the unmodified model on every one of world_size >= 2 real"):
