@@ -276,7 +276,7 @@ def test_a_compiled_bench_compiles_the_baseline_and_the_ranks_alike_and_skips_co
     from torch._dynamo.eval_frame import OptimizedModule
 
     from distrifx.backends import is_segment
-    from distrifx.bench import _baseline_key, build_case
+    from distrifx.bench import baseline_key, build_case
 
     case = BenchCase(model="sd15", height=16, width=16, steps=3, warmup_steps=1, projected=True, backend="inductor")
     _, pmodel, sample, kwargs, timesteps = build_case(case)
@@ -287,7 +287,7 @@ def test_a_compiled_bench_compiles_the_baseline_and_the_ranks_alike_and_skips_co
     assert isinstance(model.compiled, OptimizedModule) and model.options == {"freezing": True}
     assert segments and all(type(s) is type(model) and s.options == model.options for s in segments)
     key = asdict(baseline)
-    assert _baseline_key(key) != _baseline_key({**key, "backend": "eager"})  # compared with the compiled model
+    assert baseline_key(key) != baseline_key({**key, "backend": "eager"})  # compared with the compiled model
     assert case.label == "sd15 16x16 b1 N=2 stale [inductor] (one rank timed alone)"
     assert (case.first_steady_step, replace(case, backend="eager").first_steady_step) == (2, 1)
     assert (baseline.first_steady_step, replace(case, mode="sync").first_steady_step) == (1, 1)
