@@ -79,6 +79,9 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                                  "4"),
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
                      "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
+        # More synchronous warm-up steps, the fully asynchronous configuration's one knob for fidelity.
+        "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "6", "--gn-variants", "corrected",
+                            "--seeds", *TARGET_SEEDS[:16], "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
@@ -525,6 +528,7 @@ def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) 
 
 def _fidelity_section(key: str, record: dict[str, Any]) -> str:
     from distrifx.default_model import UNET_CONFIG
+    from distrifx.fidelity import FidelityCase
 
     rows = record["results"]
     size, trained = rows[0]["size"], UNET_CONFIG["sample_size"]
@@ -533,11 +537,12 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
               "distribution (see the figure) but remain a real denoising trajectory of the same network."
               if size != trained else "")
     extrapolated, fresh = any(r.get("extrapolate") for r in rows), any(r.get("fresh") for r in rows)
-    parts = [name for name, swept in (("exchanges kept synchronous", fresh), ("extrapolated stale values", extrapolated))
-             if swept]
+    longer = any(r["mode"] == "stale" and r["warmup_steps"] > FidelityCase.warmup_steps for r in rows)
+    parts = [name for name, swept in (("longer warm-ups", longer), ("exchanges kept synchronous", fresh),
+                                      ("extrapolated stale values", extrapolated)) if swept]
     title = f", {' and '.join(parts)}" if parts else ""
     variants = sorted({r["gn_variant"] for r in rows if r.get("extrapolate") or r.get("fresh")})
-    title += f" (GN {', '.join(variants)})" if title and variants != ["corrected"] else ""
+    title += f" (GN {', '.join(variants)})" if variants and variants != ["corrected"] else ""
     ahead = (" Configurations marked *extrapolated λ* read their neighbours' halo rows and keys/values as the last "
              "step's plus λ times their change since the step before (`extrapolate=λ`, docs/architecture.md); the "
              "others read the last step's." if extrapolated else "")

@@ -424,7 +424,10 @@ def test_fidelity_sections_name_the_size_and_the_patch_rows():
         return _fidelity_section("f", {"command": "distrifx fidelity", "results": rows})
 
     trained, larger = section(32), section(64)
-    assert trained.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels")
+    assert trained.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels\n")
+    longer = _fidelity_section("f", {"command": "distrifx fidelity", "results": [
+        {**row, "size": 32, "steps": 20} for row in _fidelity_rows() + _case_rows(FidelityCase(2, "stale", 6), 33., 31.)]})
+    assert longer.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels, longer warm-ups\n")
     assert "patches of 16 rows at N=2." in trained and "It was trained at" not in trained
     assert "64x64 pixels, patches of 32 rows at N=2. It was trained at 32x32: at 64x64 its images leave" in larger
 
