@@ -79,7 +79,7 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                                  "4"),
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
                      "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
-        # More synchronous warm-up steps, the fully asynchronous configuration's one knob for fidelity.
+        # Two more synchronous warm-up steps: what they buy the fully asynchronous default in fidelity.
         "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "6", "--gn-variants", "corrected",
                             "--seeds", *TARGET_SEEDS[:16], "--size", "32", "--steps", "20"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
