@@ -20,7 +20,7 @@ import torch
 from distrifx.bench import baseline_key, markdown_table, read_results, vae_memory_table
 from distrifx.breakdown import breakdown_findings, breakdown_table
 from distrifx.errors import ConfigError
-from distrifx.fidelity import fidelity_table
+from distrifx.fidelity import FidelityCase, fidelity_table, psnr_by_seed
 
 __all__ = ["SUITES", "run_suite", "render", "report"]
 
@@ -284,12 +284,12 @@ def _ceiling_findings(results: list[dict[str, Any]]) -> list[str]:
     out = []
     for copies in (r for r in results if r["case"]["mode"] == "copies" and r["speedup"]):
         n = copies["case"]["world_size"]
-        alone_s = copies["speedup"] * copies["step_s"] / n  # its baseline's step
-        stale = _find([r for r in results if baseline_key(r["case"]) == baseline_key(copies["case"])], "stale", n)
+        same = [r for r in results if baseline_key(r["case"]) == baseline_key(copies["case"])]
+        eager, stale = _find(same, "eager", 1), _find(same, "stale", n)
         out.append(
             f"N={n} copies (the unmodified model on each of {n} ranks at once, no collectives): "
-            f"{copies['step_s']:.3f} s per step against {alone_s:.3f} s on one rank alone "
-            f"({_pct(copies['step_s'], alone_s)}): a perfect split of the work with free communication "
+            f"{copies['step_s']:.3f} s per step against {eager['step_s']:.3f} s on one rank alone "
+            f"({_pct(copies['step_s'], eager['step_s'])}): a perfect split of the work with free communication "
             f"would reach {copies['speedup']:.2f}x here, this machine's ceiling for {n} ranks (not a strict bound: "
             f"a rank's smaller patch may fit the caches better)."
             + (f" N={n} stale reaches {stale['speedup']:.2f}x, {100 * stale['speedup'] / copies['speedup']:.0f}% "
@@ -450,7 +450,6 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
     """Per world size: sync mode's floor of arithmetic differences; the default stale configuration,
     the best one and the best fully asynchronous one (corrected GroupNorm) against naive, paired by
     seed (the same prompt and initial noise), with the standard error of the mean gap; the target."""
-    from distrifx.fidelity import FidelityCase, psnr_by_seed
 
     def mean(label: str) -> float:
         return _mean_psnr(rows, label)
@@ -489,16 +488,12 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
 
 def _gaps(rows: list[dict[str, Any]], label: str, base: str) -> list[float]:
     """Per seed (the same prompt and initial noise), configuration ``label``'s PSNR minus ``base``'s."""
-    from distrifx.fidelity import psnr_by_seed
-
     floor = psnr_by_seed(rows, base)
     return [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
 
 
 def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
     """Configuration ``label``'s PSNR averaged over seeds (identical images count as 99 dB)."""
-    from distrifx.fidelity import psnr_by_seed
-
     return statistics.fmean(psnr_by_seed(rows, label).values())
 
 
@@ -508,8 +503,6 @@ def _standard_error(values: list[float]) -> float:
 
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
     """Each stale configuration with a stale option set against the same one without it, paired by seed."""
-    from distrifx.fidelity import FidelityCase
-
     out = []
     for row in {r["label"]: r for r in rows if r["world_size"] == world and r["mode"] == "stale"}.values():
         case = FidelityCase.from_row(row)
@@ -528,7 +521,6 @@ def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) 
 
 def _fidelity_section(key: str, record: dict[str, Any]) -> str:
     from distrifx.default_model import UNET_CONFIG
-    from distrifx.fidelity import FidelityCase
 
     rows = record["results"]
     size, trained = rows[0]["size"], UNET_CONFIG["sample_size"]
