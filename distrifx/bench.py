@@ -228,16 +228,19 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
 
 def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str, Any]:
     """Median over the steady steps of every round (after the first call and, in stale mode, after
-    warm-up); ``rounds`` holds each round's per-rank measurements."""
+    warm-up), and over the warm-up steps after the first call; ``rounds`` holds each round's per-rank
+    measurements."""
     first_steady = case.first_steady_step
     per_rank = []
     for rank_rounds in zip(*rounds):
         steady = [s for r in rank_rounds for s in (r["steps"][first_steady:] or r["steps"][-1:])]
+        warmup = [s["wall_s"] for r in rank_rounds for s in r["steps"][1:first_steady] if s["phase"] == "warmup"]
         walls = [s["wall_s"] for s in steady]
         wall, wait = statistics.median(walls), statistics.median(s["wait_s"] for s in steady)
         per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wait_s": wait,
                          "background_cpu_s": statistics.median(s["background_cpu_s"] for s in steady),
                          "compute_s": wall - wait, "bytes_sent": steady[-1]["bytes_sent"],
+                         "warmup_wall_s": statistics.median(warmup) if warmup else None,
                          "cores": rank_rounds[0]["cores"],
                          "exchanges": rank_rounds[0]["exchanges"].get(steady[-1]["phase"])})
     slowest = max(per_rank, key=lambda r: r["wall_s"])
@@ -248,6 +251,8 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
         "rounds": len(rounds),
         "step_s": slowest["wall_s"],
         "step_range_s": slowest["wall_range_s"],  # fastest and slowest steady step: the run's own noise
+        # stale mode's synchronous warm-up steps (after the first call), slowest rank; None without any
+        "warmup_step_s": max((r["warmup_wall_s"] for r in per_rank if r["warmup_wall_s"] is not None), default=None),
         "compute_s": slowest["compute_s"],
         "exposed_comm_s": slowest["wait_s"],
         "exposed_comm_frac": slowest["wait_s"] / slowest["wall_s"],

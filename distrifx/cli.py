@@ -216,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     fid.add_argument("--size", type=int, default=64, help="image size in pixels (default 64)")
     fid.add_argument("--steps", type=int, default=20)
+    fid.add_argument("--jobs", type=_positive_int, default=1,
+                     help="seeds run in this many processes at once, sharing this process's threads (default 1)")
     fid.add_argument("--out", type=Path, default=Path("fidelity-results"))
 
     prof = sub.add_parser("profile", help="where one rank loses against 1/N of the model, op by op",
@@ -478,13 +480,16 @@ def _fidelity_cases(args: argparse.Namespace) -> list[FidelityCase]:
 
 def _run_fidelity(args: argparse.Namespace, argv: list[str]) -> int:
     from distrifx.default_model import load_default_pipeline
-    from distrifx.fidelity import fidelity_figure, fidelity_table, run_fidelity
+    from distrifx.fidelity import fidelity_figure, fidelity_table, run_fidelity, warmup_figure, warmup_sweep
 
     cases = _fidelity_cases(args)
-    rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps)
+    rows, images = run_fidelity(load_default_pipeline, cases, seeds=args.seeds, size=args.size, steps=args.steps,
+                                jobs=args.jobs, progress=True)
     _write_outputs(args.out, "distrifx " + " ".join(argv), rows, fidelity_table(rows), "\n![images](images.png)\n")
     exact = {case.label for case in cases if case.mode == "sync"}  # the reference's image but for rounding
     fidelity_figure({k: v for k, v in images.items() if k not in exact}, rows, args.out / "images.png")
+    if warmup_sweep(rows):
+        warmup_figure(rows, args.out / "warmups.png")
     return 0
 
 

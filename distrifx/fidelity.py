@@ -8,9 +8,14 @@ against the reference.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import math
+import multiprocessing
+import statistics
 import textwrap
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -18,8 +23,10 @@ import torch
 
 from distrifx.metrics import psnr, ssim
 
-__all__ = ["FidelityCase", "run_fidelity", "psnr_by_seed", "fidelity_table", "fidelity_figure"]
+__all__ = ["FidelityCase", "run_fidelity", "psnr_by_seed", "paired_gaps", "standard_error", "fidelity_table",
+           "fidelity_figure", "warmup_sweep", "warmup_figure", "FIDELITY_TARGET_DB"]
 
+FIDELITY_TARGET_DB = 20.0  # stale above naive, PSNR against one device
 PROMPTS = ("red circle", "blue square", "green triangle", "yellow ring", "purple circle", "white square")
 
 
@@ -71,29 +78,65 @@ def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, se
     return distrifx.simulate(rank, case.world_size)[0]
 
 
+def _seed_results(load: Callable[[], Any], cases: Sequence[FidelityCase], seed: int, prompt: str, size: int,
+                  steps: int) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+    """One seed's rows and images: the single-device reference, then every case against it."""
+    reference = _generate(load(), prompt, seed, size, steps)
+    rows, images = [], {"reference": reference}
+    for case in cases:
+        image = images[case.label] = _parallel_image(load, case, prompt, seed, size, steps)
+        rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt, "steps": steps,
+                     "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference)})
+    return rows, images
+
+
 def run_fidelity(
     load: Callable[[], Any],
     cases: Sequence[FidelityCase],
     seeds: Sequence[int] = (0, 1, 2),
     size: int = 64,
     steps: int = 20,
+    jobs: int = 1,
+    progress: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """PSNR/SSIM of every case against the single-device image, per seed; and the images."""
-    rows, images = [], {"reference": []}
-    for seed, prompt in zip(seeds, itertools.cycle(PROMPTS)):
-        reference = _generate(load(), prompt, seed, size, steps)
-        images["reference"].append(reference)
-        for case in cases:
-            image = _parallel_image(load, case, prompt, seed, size, steps)
-            images.setdefault(case.label, []).append(image)
-            rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt, "steps": steps,
-                         "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference)})
+    """PSNR/SSIM of every case against the single-device image, per seed; and the images.
+
+    ``jobs`` > 1 spreads the seeds over that many spawned processes (``load`` must pickle: a
+    module-level function), each with its share of this process's torch threads.
+    """
+    from tqdm import tqdm
+
+    tasks = [(load, tuple(cases), seed, prompt, size, steps) for seed, prompt in zip(seeds, itertools.cycle(PROMPTS))]
+    bar = functools.partial(tqdm, total=len(tasks), desc="distrifx fidelity (seeds)", disable=not progress)
+    if jobs > 1:
+        threads = max(1, torch.get_num_threads() // jobs)
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+            per_seed = list(bar(pool.map(_seed_results, *zip(*tasks))))
+    else:
+        per_seed = [_seed_results(*task) for task in bar(tasks)]
+    rows, images = [], {}
+    for seed_rows, seed_images in per_seed:
+        rows += seed_rows
+        for label, image in seed_images.items():
+            images.setdefault(label, []).append(image)
     return rows, images
 
 
 def psnr_by_seed(rows: list[dict[str, Any]], label: str) -> dict[int, float]:
     """Per seed, the PSNR of configuration ``label`` (identical images count as 99 dB)."""
     return {r["seed"]: min(r["psnr_db"], 99.0) for r in rows if r["label"] == label}
+
+
+def paired_gaps(rows: list[dict[str, Any]], label: str, base: str) -> list[float]:
+    """Per seed (the same prompt and initial noise), configuration ``label``'s PSNR minus ``base``'s."""
+    floor = psnr_by_seed(rows, base)
+    return [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
+
+
+def standard_error(values: list[float]) -> float:
+    """Standard error of the mean of ``values`` (NaN for fewer than two)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
 
 
 def fidelity_table(rows: list[dict[str, Any]]) -> str:
@@ -130,6 +173,41 @@ def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, 
             else:
                 value = [r for r in rows if r["label"] == label][s]["psnr_db"]
                 ax.set_title(f"{textwrap.fill(label, 30)}\n{value:.1f} dB", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def warmup_sweep(rows: list[dict[str, Any]]) -> list[int]:
+    """The warm-ups measured for the plain stale configuration (corrected GroupNorm, no other option),
+    sorted; empty unless there are at least two."""
+    plain = {r["warmup_steps"] for r in rows
+             if r["mode"] == "stale" and r["label"] == FidelityCase(r["world_size"], "stale", r["warmup_steps"]).label}
+    return sorted(plain) if len(plain) > 1 else []
+
+
+def warmup_figure(rows: list[dict[str, Any]], path: Any) -> None:
+    """PSNR gained over naive patches against synchronous warm-up steps, per world size: the mean over
+    seeds (paired) with its standard error, and the +20 dB target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for world in sorted({r["world_size"] for r in rows}):
+        naive = FidelityCase(world, "naive").label
+        points = [(w, paired_gaps(rows, FidelityCase(world, "stale", w).label, naive)) for w in warmup_sweep(rows)]
+        points = [(w, gaps) for w, gaps in points if gaps]
+        ax.errorbar([w for w, _ in points], [statistics.fmean(g) for _, g in points],
+                    yerr=[standard_error(g) for _, g in points], marker="o", capsize=3, label=f"N={world}")
+    ax.axhline(FIDELITY_TARGET_DB, color="k", linestyle=":", label=f"+{FIDELITY_TARGET_DB:.0f} dB")
+    ax.set_xticks(warmup_sweep(rows))
+    low, high = ax.get_ylim()
+    ax.set_ylim(min(low, FIDELITY_TARGET_DB - 1), max(high, FIDELITY_TARGET_DB + 1))
+    ax.set_xlabel(f"synchronous warm-up steps (of {rows[0]['steps']})")
+    ax.set_ylabel("PSNR over naive patches (dB):\nmean, standard error")
+    ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

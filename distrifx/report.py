@@ -9,7 +9,6 @@ and whether each target is met; it is computed from the results, never written b
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,12 +19,14 @@ import torch
 from distrifx.bench import baseline_key, markdown_table, read_results, vae_memory_table
 from distrifx.breakdown import breakdown_findings, breakdown_table
 from distrifx.errors import ConfigError
-from distrifx.fidelity import FidelityCase, fidelity_table, psnr_by_seed
+from distrifx.fidelity import (FIDELITY_TARGET_DB, FidelityCase, fidelity_table, paired_gaps, psnr_by_seed,
+                               standard_error, warmup_sweep)
 
 __all__ = ["SUITES", "run_suite", "render", "report"]
 
 SPEEDUP_TARGET = 1.9  # 2-rank stale, half-width SD 1.5, 64x64 latent, this CPU
-FIDELITY_TARGET_DB = 20.0  # stale above naive, PSNR against one device
+GENERATION_STEPS = 20  # the fidelity sections' generations
+WARMUP_CURVE = (4, 5, 6, 8)  # the warm-ups section fidelity-warmup measures
 PUBLISHED_GAP = "24.6 dB against naive 14.0 dB at N=2 (+10.6 dB) and 23.0 against 10.7 dB at N=4 (+12.3 dB)"
 
 # DistriFusion's SDXL speedups on 2 / 4 / 8 A100s, by latent size (1024 and 3840 pixels).
@@ -52,6 +53,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                 "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
                                 "--threads", "1", "--project", "2", "--no-transport", "--ceiling"),
+        # What a synchronous warm-up step costs against a stale one, same ranks and rounds: the price of
+        # the fidelity that section fidelity-warmup measures for more warm-up steps.
+        "sd15-half-64-warmup": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
+                                "stale", "--steps", "12", "--warmup-steps", "6", "--rounds", "3", "--threads", "1"),
         # What extrapolated stale values cost a rank: one elementwise op per exchange, twice the stale buffers.
         "sd15-half-64-extrapolate": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2",
                                      "--modes", "stale", "--extrapolations", "0", "0.5", "--steps", "12", "--rounds",
@@ -79,9 +84,10 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                                  "4"),
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
                      "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
-        # Two more synchronous warm-up steps: what they buy the fully asynchronous default in fidelity.
-        "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "6", "--gn-variants", "corrected",
-                            "--seeds", *TARGET_SEEDS[:16], "--size", "32", "--steps", "20"),
+        # More synchronous warm-up steps: what each buys the fully asynchronous default in fidelity.
+        "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVE),
+                            "--gn-variants", "corrected", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20",
+                            "--jobs", "2"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
@@ -258,6 +264,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
     out += _stale_option_findings(results, stale)
     out += _ceiling_findings(results)
+    out += _warmup_findings(results)
     if eager:
         spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
         out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
@@ -276,6 +283,22 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                    "all exchanges) (`distrifx.bench.projected_step`); stale exchanges are assumed to overlap "
                    "compute fully, sync ones not at all, and communication not to slow compute down.")
     return out + _published_comparison(results)
+
+
+def _warmup_findings(results: list[dict[str, Any]]) -> list[str]:
+    """What synchronous warm-up steps cost a generation: the 2-rank stale run's warm-up and stale step
+    medians (same ranks and rounds) combined over a fidelity section's generation, per warm-up."""
+    eager, stale = _find(results, "eager", 1), _find(results, "stale", 2)
+    if not (eager and stale and stale.get("warmup_step_s")):
+        return []
+    warm, step = stale["warmup_step_s"], stale["step_s"]
+    generation = {w: w * warm + (GENERATION_STEPS - w) * step for w in WARMUP_CURVE}
+    costs = ", ".join(f"{w}: {t:.1f} s ({GENERATION_STEPS * eager['step_s'] / t:.2f}x, "
+                      f"{_pct(t, generation[WARMUP_CURVE[0]])})" for w, t in generation.items())
+    return [f"N=2 stale's warm-up steps (synchronous exchanges, also keeping the stale state) took {warm:.3f} s "
+            f"against its stale steps' {step:.3f} s ({_pct(warm, step)}; medians of the same ranks and rounds). "
+            f"A {GENERATION_STEPS}-step generation with W warm-up steps, computed from these medians (not timed "
+            f"as a whole): W = {costs}; the unmodified model's takes {GENERATION_STEPS * eager['step_s']:.1f} s."]
 
 
 def _ceiling_findings(results: list[dict[str, Any]]) -> list[str]:
@@ -421,8 +444,8 @@ def _bytes_section(record: dict[str, Any]) -> str:
     plan = distrifx.explain(unet, args, kwargs, world_size=2, mode="stale")
     stale = _find(record["results"], "stale", 2)
     lines = ["## Bytes per step, by exchange", "",
-             f"Rank 0 of 2 in stale mode, same model and latent as above, from the compiler's plan "
-             f"(`distrifx.explain(unet, args, kwargs, world_size=2, mode='stale').bytes_by_kind('stale')`):", "",
+             "Rank 0 of 2 in stale mode, same model and latent as above, from the compiler's plan "
+             "(`distrifx.explain(unet, args, kwargs, world_size=2, mode='stale').bytes_by_kind('stale')`):", "",
              "| exchange | count | sent by rank 0 per step (MiB) |", "|---|---|---|"]
     for kind, (count, sent) in sorted(plan.bytes_by_kind("stale").items()):
         lines.append(f"| {kind} | {count} | {sent / 2**20:.2f} |")
@@ -474,11 +497,11 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
             picks.setdefault(asynchronous[-1], "best fully asynchronous")
         for label, what in picks.items():
             if label in labels:
-                gaps = _gaps(rows, label, naive)
+                gaps = paired_gaps(rows, label, naive)
                 gap = statistics.fmean(gaps)
                 reached = sum(g >= FIDELITY_TARGET_DB for g in gaps)
                 out.append(f"N={world}, {what} stale configuration ({label}): {mean(label):.1f} dB against naive "
-                           f"{mean(naive):.1f} dB, {gap:+.1f} dB, standard error {_standard_error(gaps):.1f} dB over "
+                           f"{mean(naive):.1f} dB, {gap:+.1f} dB, standard error {standard_error(gaps):.1f} dB over "
                            f"seeds (per seed {min(gaps):+.1f} to {max(gaps):+.1f}; "
                            f"+{FIDELITY_TARGET_DB:.0f} or more on {reached} of {len(gaps)} seeds); target "
                            f"+{FIDELITY_TARGET_DB:.0f} dB on average {_verdict(gap >= FIDELITY_TARGET_DB)}.")
@@ -486,36 +509,35 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def _gaps(rows: list[dict[str, Any]], label: str, base: str) -> list[float]:
-    """Per seed (the same prompt and initial noise), configuration ``label``'s PSNR minus ``base``'s."""
-    floor = psnr_by_seed(rows, base)
-    return [value - floor[seed] for seed, value in psnr_by_seed(rows, label).items()]
-
-
 def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
     """Configuration ``label``'s PSNR averaged over seeds (identical images count as 99 dB)."""
     return statistics.fmean(psnr_by_seed(rows, label).values())
 
 
-def _standard_error(values: list[float]) -> float:
-    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.nan
+# Fidelity sections also sweep warm-ups: each against the default's, paired by seed.
+_FIDELITY_OPTIONS = {**_STALE_OPTIONS, "warmup_steps": (
+    FidelityCase.warmup_steps, lambda v: f"{v} warm-up steps", f"{FidelityCase.warmup_steps} warm-up steps")}
 
 
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
-    """Each stale configuration with a stale option set against the same one without it, paired by seed."""
+    """Each stale configuration with a stale option (or warm-up) set against the same one without it,
+    paired by seed; and its gap over naive patches."""
+    naive = FidelityCase(world, "naive").label
     out = []
     for row in {r["label"]: r for r in rows if r["world_size"] == world and r["mode"] == "stale"}.values():
         case = FidelityCase.from_row(row)
-        for option, (default, what, against) in _STALE_OPTIONS.items():
+        for option, (default, what, against) in _FIDELITY_OPTIONS.items():
             base = dataclasses.replace(case, **{option: default}).label
             if getattr(case, option) == default or base not in labels:
                 continue
-            gaps = _gaps(rows, row["label"], base)
+            gaps = paired_gaps(rows, row["label"], base)
+            over = (f"; {statistics.fmean(paired_gaps(rows, row['label'], naive)):+.1f} dB over naive patches"
+                    if naive in labels else "")
             out.append(f"N={world}, {what(getattr(case, option))} ({row['label']}): "
                        f"{_mean_psnr(rows, row['label']):.1f} dB, "
                        f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error "
-                       f"{_standard_error(gaps):.2f} dB over seeds; better on {sum(g > 0 for g in gaps)} of "
-                       f"{len(gaps)}).")
+                       f"{standard_error(gaps):.2f} dB over seeds; better on {sum(g > 0 for g in gaps)} of "
+                       f"{len(gaps)}){over}.")
     return out
 
 
@@ -548,6 +570,8 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
              f"(the arithmetic is the one real ranks do).{ahead}", "",
              f"```bash\n{record['command']}\n```", "", fidelity_table(rows), "", f"![fidelity](bench/{key}/images.png)",
              ""]
+    if warmup_sweep(rows):
+        lines += [f"![PSNR over naive patches by warm-up](bench/{key}/warmups.png)", ""]
     lines += [f"- {finding}" for finding in _fidelity_findings(rows)]
     lines.append(f"- For scale: DistriFusion reports {PUBLISHED_GAP} for SDXL at 50 DDIM steps (its stale "
                  "configuration against the single-device image, and naive patches).")

@@ -44,9 +44,10 @@ def test_rank_cores_gives_each_rank_its_own_cores_when_they_fit(monkeypatch):
     assert rank_cores(0, 4, 2) is None  # 8 threads on 4 cores: left to the OS
 
 
-def _measured(case, walls, wait_s=0.0):
+def _measured(case, walls, wait_s=0.0, phases=None):
     """What ``bench.measure_case`` returns for ``case`` if every rank's steps took ``walls`` seconds."""
-    steps = [{"wall_s": w, "wait_s": wait_s, "background_cpu_s": 0.0, "bytes_sent": 8, "phase": "x"} for w in walls]
+    steps = [{"wall_s": w, "wait_s": wait_s, "background_cpu_s": 0.0, "bytes_sent": 8, "phase": phase}
+             for w, phase in zip(walls, phases or ["x"] * len(walls))]
     return [{"steps": steps, "state_bytes": 1, "build_s": 0.0, "peak_bytes": 1, "cores": [0],
              "exchanges": {}}] * case.world_size
 
@@ -187,6 +188,28 @@ def test_projected_step_hides_overlapped_exchanges_but_not_blocking_ones():
     heavy = {"blocking": [1, 500_000_000], "overlapped": [3, 4_000_000_000]}
     assert projected_step(2.0, heavy, link) == pytest.approx(4.5)  # the link cannot keep up: it sets the pace
     assert Link(1.0, latency_us=10.0).seconds(0, 100) == pytest.approx(1e-3)
+
+
+def test_warm_up_steps_get_their_own_median_and_price_a_generation():
+    """Stale mode's warm-up steps after the first call: their median (slowest rank) beside the stale steps';
+    the report combines both into a 20-step generation per warm-up."""
+    from distrifx.bench import _summarize
+    from distrifx.report import _warmup_findings
+
+    case = BenchCase(world_size=2, mode="stale", steps=6, warmup_steps=3)
+    phases = ["warmup"] * 3 + ["stale"] * 3
+    fast, slow = (_measured(case, walls, phases=phases)[0] for walls in ([9, 3, 3, 2, 2, 2], [9, 3, 5, 2, 2, 2]))
+    stale = _summarize(case, [[fast, slow]])
+    assert stale["warmup_step_s"] == 4.0 and stale["step_s"] == 2.0  # the slow rank's warm-up: median of 3 and 5
+    eager_case = BenchCase(world_size=1, mode="eager", steps=6)
+    eager = _summarize(eager_case, [_measured(eager_case, [9, 4, 4, 4, 4, 4])])
+    assert eager["warmup_step_s"] is None
+    (finding,) = _warmup_findings([eager, stale])
+    assert "took 4.000 s against its stale steps' 2.000 s (+100%" in finding
+    # W warm-up steps of 4 s and 20 - W stale ones of 2 s, against 20 unmodified steps of 4 s
+    assert "W = 4: 48.0 s (1.67x, +0%), 5: 50.0 s (1.60x, +4%), 6: 52.0 s (1.54x, +8%), 8: 56.0 s (1.43x, +17%)" in finding
+    assert "the unmodified model's takes 80.0 s" in finding
+    assert _warmup_findings([eager, {**stale, "warmup_step_s": None}]) == []
 
 
 def test_one_rank_alone_in_half_precision_sends_what_its_plan_says():
@@ -339,6 +362,24 @@ def _fidelity_rows() -> list[dict]:
             + _case_rows(FidelityCase(2, "stale", gn_variant="sync"), float("inf"), 36.0))
 
 
+def test_fidelity_seeds_spread_over_processes_give_the_rows_and_images_of_one_process():
+    """``jobs=2``: the same rows in the same order and the same images, but for thread-count rounding."""
+    from distrifx.default_model import load_default_pipeline
+    from distrifx.fidelity import run_fidelity
+
+    cases = [FidelityCase(2, "stale", warmup_steps=1)]
+    runs = [run_fidelity(load_default_pipeline, cases, seeds=(0, 1), size=32, steps=2, jobs=jobs) for jobs in (1, 2)]
+    (rows, images), (spread_rows, spread_images) = runs
+    key = lambda r: (r["label"], r["seed"], r["prompt"])  # noqa: E731
+    assert [key(r) for r in spread_rows] == [key(r) for r in rows] and len(rows) == 2
+    assert [r["psnr_db"] for r in spread_rows] == pytest.approx([r["psnr_db"] for r in rows], abs=0.05)
+    assert list(spread_images) == list(images) == ["reference", cases[0].label]
+    for label, per_seed in images.items():
+        assert len(spread_images[label]) == 2
+        for image, spread in zip(per_seed, spread_images[label]):
+            torch.testing.assert_close(spread, image, atol=1e-3, rtol=0)
+
+
 def test_fidelity_table_gives_mean_and_spread_over_seeds():
     from distrifx.fidelity import fidelity_table
 
@@ -377,11 +418,15 @@ def test_fidelity_findings_name_the_best_fully_asynchronous_configuration():
     findings = _fidelity_findings(_fidelity_rows() + longer + halo)
     assert [f.split(" (N=2")[0] for f in findings] == [
         "N=2, default stale configuration", "N=2, best stale configuration",
-        "N=2, best fully asynchronous stale configuration", "N=2, halo exchanges kept synchronous"]
+        "N=2, best fully asynchronous stale configuration", "N=2, 8 warm-up steps",
+        "N=2, halo exchanges kept synchronous"]
     assert "(N=2 stale, warm-up 8, GN corrected): 34.0 dB against naive 12.0 dB, +22.0 dB" in findings[2]
-    assert findings[3] == ("N=2, halo exchanges kept synchronous (N=2 stale, warm-up 4, GN corrected, fresh halo): "
+    assert findings[3] == ("N=2, 8 warm-up steps (N=2 stale, warm-up 8, GN corrected): 34.0 dB, +3.00 dB against "
+                           "4 warm-up steps (standard error 1.00 dB over seeds; better on 2 of 2); +22.0 dB over "
+                           "naive patches.")
+    assert findings[4] == ("N=2, halo exchanges kept synchronous (N=2 stale, warm-up 4, GN corrected, fresh halo): "
                            "36.0 dB, +5.00 dB against the last step's values (standard error 1.00 dB over seeds; "
-                           "better on 2 of 2).")
+                           "better on 2 of 2); +24.0 dB over naive patches.")
 
 
 def test_fidelity_findings_compare_an_extrapolated_configuration_with_the_same_one_without():
@@ -391,7 +436,7 @@ def test_fidelity_findings_compare_an_extrapolated_configuration_with_the_same_o
     findings = _fidelity_findings(_fidelity_rows() + ahead)
     assert findings[-1] == ("N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 4, GN corrected, extrapolated "
                             "0.5): 32.0 dB, +1.00 dB against the last step's values (standard error 2.00 dB over "
-                            "seeds; better on 1 of 2).")
+                            "seeds; better on 1 of 2); +20.0 dB over naive patches.")
     section = _fidelity_section("f", {"command": "distrifx fidelity",
                                       "results": [{**r, "size": 32, "steps": 20} for r in _fidelity_rows() + ahead]})
     assert section.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels, extrapolated "
@@ -407,13 +452,32 @@ def test_fidelity_findings_pair_a_combined_configuration_with_each_option_left_o
     paired = [f for f in _fidelity_findings(rows) if "extrapolated by" in f or "kept synchronous" in f]
     assert paired == [
         "N=2, halo exchanges kept synchronous (N=2 stale, warm-up 4, GN sync, fresh halo): 40.0 dB, -27.50 dB against "
-        "the last step's values (standard error 31.50 dB over seeds; better on 1 of 2).",  # GN sync's seed 0 counts 99
+        "the last step's values (standard error 31.50 dB over seeds; better on 1 of 2); +28.0 dB over naive patches.",
+        # GN sync's seed 0 counts 99
         "N=2, stale values extrapolated by 0.5 (N=2 stale, warm-up 4, GN sync, extrapolated 0.5, fresh halo): 43.0 dB, "
-        "+3.00 dB against the last step's values (standard error 1.00 dB over seeds; better on 2 of 2)."]
+        "+3.00 dB against the last step's values (standard error 1.00 dB over seeds; better on 2 of 2); +31.0 dB over "
+        "naive patches."]
     section = _fidelity_section("f", {"command": "distrifx fidelity",
                                       "results": [{**r, "size": 32, "steps": 20} for r in rows]})
     assert section.startswith("## Fidelity on the trained default model: 20 DDIM steps, 32x32 pixels, exchanges "
                               "kept synchronous and extrapolated stale values (GN sync)\n")
+
+
+def test_a_warm_up_sweep_of_the_plain_stale_configuration_gets_a_curve(tmp_path):
+    from distrifx.fidelity import warmup_figure, warmup_sweep
+    from distrifx.report import _fidelity_section
+
+    other = _case_rows(FidelityCase(2, "stale", 6, gn_variant="sync"), 40.0, 40.0)  # not the plain configuration
+    assert warmup_sweep(_fidelity_rows() + other) == []
+    longer = _case_rows(FidelityCase(2, "stale", 8), 34.0, 34.0) + _case_rows(FidelityCase(2, "stale", 1), 20.0, 22.0)
+    rows = [{**r, "size": 32, "steps": 20} for r in _fidelity_rows() + other + longer]
+    assert warmup_sweep(rows) == [1, 4, 8]
+    warmup_figure(rows, tmp_path / "warmups.png")
+    assert (tmp_path / "warmups.png").stat().st_size > 0
+    section = _fidelity_section("f", {"command": "distrifx fidelity", "results": rows})
+    assert "![PSNR over naive patches by warm-up](bench/f/warmups.png)" in section
+    assert "![PSNR over naive patches" not in _fidelity_section(
+        "f", {"command": "distrifx fidelity", "results": [{**r, "size": 32, "steps": 20} for r in _fidelity_rows()]})
 
 
 def test_fidelity_sections_name_the_size_and_the_patch_rows():
