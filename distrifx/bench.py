@@ -28,6 +28,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 from distrifx.errors import ConfigError
+from distrifx.passes import Phase
 
 __all__ = ["BenchCase", "Link", "projected_step", "build_case", "baseline_key", "measure_case", "run_cases",
            "markdown_table", "machine_description", "plot_results", "write_results", "read_results", "write_json",
@@ -234,7 +235,8 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
     per_rank = []
     for rank_rounds in zip(*rounds):
         steady = [s for r in rank_rounds for s in (r["steps"][first_steady:] or r["steps"][-1:])]
-        warmup = [s["wall_s"] for r in rank_rounds for s in r["steps"][1:first_steady] if s["phase"] == "warmup"]
+        warmup = [s["wall_s"] for r in rank_rounds for s in r["steps"][1:first_steady]
+                  if s["phase"] == Phase.WARMUP]
         walls = [s["wall_s"] for s in steady]
         wall, wait = statistics.median(walls), statistics.median(s["wait_s"] for s in steady)
         per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wait_s": wait,

@@ -86,8 +86,8 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                      "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
         # More synchronous warm-up steps: what each buys the fully asynchronous default in fidelity.
         "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVE),
-                            "--gn-variants", "corrected", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20",
-                            "--jobs", "2"),
+                            "--gn-variants", "corrected", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps",
+                            str(GENERATION_STEPS), "--jobs", "2"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-up 8 of 50: what more synchronous steps buy.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
@@ -516,7 +516,8 @@ def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
 
 # Fidelity sections also sweep warm-ups: each against the default's, paired by seed.
 _FIDELITY_OPTIONS = {**_STALE_OPTIONS, "warmup_steps": (
-    FidelityCase.warmup_steps, lambda v: f"{v} warm-up steps", f"{FidelityCase.warmup_steps} warm-up steps")}
+    FidelityCase.warmup_steps, lambda v: f"{v} warm-up step{'s' * (v != 1)}",
+    f"{FidelityCase.warmup_steps} warm-up steps")}
 
 
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
