@@ -194,15 +194,16 @@ def warmup_figure(rows: list[dict[str, Any]], path: Any) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    sweep = warmup_sweep(rows)
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for world in sorted({r["world_size"] for r in rows}):
         naive = FidelityCase(world, "naive").label
-        points = [(w, paired_gaps(rows, FidelityCase(world, "stale", w).label, naive)) for w in warmup_sweep(rows)]
+        points = [(w, paired_gaps(rows, FidelityCase(world, "stale", w).label, naive)) for w in sweep]
         points = [(w, gaps) for w, gaps in points if gaps]
         ax.errorbar([w for w, _ in points], [statistics.fmean(g) for _, g in points],
                     yerr=[standard_error(g) for _, g in points], marker="o", capsize=3, label=f"N={world}")
     ax.axhline(FIDELITY_TARGET_DB, color="k", linestyle=":", label=f"+{FIDELITY_TARGET_DB:.0f} dB")
-    ax.set_xticks(warmup_sweep(rows))
+    ax.set_xticks(sweep)
     low, high = ax.get_ylim()
     ax.set_ylim(min(low, FIDELITY_TARGET_DB - 1), max(high, FIDELITY_TARGET_DB + 1))
     ax.set_xlabel(f"synchronous warm-up steps (of {rows[0]['steps']})")

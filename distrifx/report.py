@@ -527,13 +527,13 @@ def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) 
     out = []
     for row in {r["label"]: r for r in rows if r["world_size"] == world and r["mode"] == "stale"}.values():
         case = FidelityCase.from_row(row)
+        over = (f"; {statistics.fmean(paired_gaps(rows, row['label'], naive)):+.1f} dB over naive patches"
+                if naive in labels else "")
         for option, (default, what, against) in _FIDELITY_OPTIONS.items():
             base = dataclasses.replace(case, **{option: default}).label
             if getattr(case, option) == default or base not in labels:
                 continue
             gaps = paired_gaps(rows, row["label"], base)
-            over = (f"; {statistics.fmean(paired_gaps(rows, row['label'], naive)):+.1f} dB over naive patches"
-                    if naive in labels else "")
             out.append(f"N={world}, {what(getattr(case, option))} ({row['label']}): "
                        f"{_mean_psnr(rows, row['label']):.1f} dB, "
                        f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error "
