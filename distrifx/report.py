@@ -25,8 +25,8 @@ from distrifx.fidelity import (FIDELITY_TARGET_DB, FidelityCase, fidelity_table,
 __all__ = ["SUITES", "run_suite", "render", "report"]
 
 SPEEDUP_TARGET = 1.9  # 2-rank stale, half-width SD 1.5, 64x64 latent, this CPU
-GENERATION_STEPS = 20  # the fidelity sections' generations
-WARMUP_CURVE = (4, 5, 6, 8)  # the warm-ups section fidelity-warmup measures
+# Generation lengths the fidelity sections measure -> the warm-ups they sweep (fidelity-warmup, fidelity-50).
+WARMUP_CURVES = {20: (4, 5, 6, 8), 50: (4, 8, 12)}
 PUBLISHED_GAP = "24.6 dB against naive 14.0 dB at N=2 (+10.6 dB) and 23.0 against 10.7 dB at N=4 (+12.3 dB)"
 
 # DistriFusion's SDXL speedups on 2 / 4 / 8 A100s, by latent size (1024 and 3840 pixels).
@@ -85,13 +85,14 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
                      "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
         # More synchronous warm-up steps: what each buys the fully asynchronous default in fidelity.
-        "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVE),
-                            "--gn-variants", "corrected", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps",
-                            str(GENERATION_STEPS), "--jobs", "2"),
+        "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVES[20]),
+                            "--gn-variants", "corrected", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20",
+                            "--jobs", "2"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
-        # Warm-up 8 of 50: what more synchronous steps buy.
-        "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "8", "--gn-variants", "corrected",
-                        "sync", "--seeds", *SEEDS, "--size", "32", "--steps", "50"),
+        # Warm-ups 4, 8 and 12 of 50: whether a longer generation needs more synchronous steps, or a like share.
+        "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVES[50]),
+                        "--gn-variants", "corrected", "sync", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "50",
+                        "--jobs", "2"),
         # Twice the trained size: patches of 32 and 16 rows, nearer DistriFusion's 1024-pixel SDXL patches
         # (a 128-row latent) than the 16 and 8 rows at 32x32.
         "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected", "sync",
@@ -287,18 +288,21 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
 
 def _warmup_findings(results: list[dict[str, Any]]) -> list[str]:
     """What synchronous warm-up steps cost a generation: the 2-rank stale run's warm-up and stale step
-    medians (same ranks and rounds) combined over a fidelity section's generation, per warm-up."""
+    medians (same ranks and rounds) combined over each generation the fidelity sections measure, per
+    warm-up they sweep."""
     eager, stale = _find(results, "eager", 1), _find(results, "stale", 2)
     if not (eager and stale and stale.get("warmup_step_s")):
         return []
     warm, step = stale["warmup_step_s"], stale["step_s"]
-    generation = {w: w * warm + (GENERATION_STEPS - w) * step for w in WARMUP_CURVE}
-    costs = ", ".join(f"{w}: {t:.1f} s ({GENERATION_STEPS * eager['step_s'] / t:.2f}x, "
-                      f"{_pct(t, generation[WARMUP_CURVE[0]])})" for w, t in generation.items())
-    return [f"N=2 stale's warm-up steps (synchronous exchanges, also keeping the stale state) took {warm:.3f} s "
-            f"against its stale steps' {step:.3f} s ({_pct(warm, step)}; medians of the same ranks and rounds). "
-            f"A {GENERATION_STEPS}-step generation with W warm-up steps, computed from these medians (not timed "
-            f"as a whole): W = {costs}; the unmodified model's takes {GENERATION_STEPS * eager['step_s']:.1f} s."]
+    out = [f"N=2 stale's warm-up steps (synchronous exchanges, also keeping the stale state) took {warm:.3f} s "
+           f"against its stale steps' {step:.3f} s ({_pct(warm, step)}; medians of the same ranks and rounds)."]
+    for steps, warmups in WARMUP_CURVES.items():
+        generation = {w: w * warm + (steps - w) * step for w in warmups}
+        costs = ", ".join(f"{w}: {t:.1f} s ({steps * eager['step_s'] / t:.2f}x, {_pct(t, generation[warmups[0]])})"
+                          for w, t in generation.items())
+        out.append(f"A {steps}-step generation with W warm-up steps, computed from these medians (not timed as a "
+                   f"whole): W = {costs}; the unmodified model's takes {steps * eager['step_s']:.1f} s.")
+    return out
 
 
 def _ceiling_findings(results: list[dict[str, Any]]) -> list[str]:
