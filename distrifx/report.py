@@ -40,10 +40,9 @@ def _gpu_argv(latent: int) -> tuple[str, ...]:
             "--dtype", "float16", "--link-gbps", "250", "25")
 
 
-SEEDS = tuple(str(seed) for seed in range(8))  # the fidelity sections' seeds
-# The target's section: one seed's gap over naive ranges over about 25 dB (standard deviation about
-# 6 dB), so the mean of eight is uncertain by about 2 dB (its standard error); thirty-two halve that.
-TARGET_SEEDS = tuple(str(seed) for seed in range(32))
+# The fidelity sections' seeds: one seed's gap over naive ranges over about 25 dB (standard deviation
+# about 6 dB), so the mean of eight would be uncertain by about 2 dB (its standard error); thirty-two halve that.
+SEEDS = tuple(str(seed) for seed in range(32))
 
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
@@ -83,37 +82,37 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "profile-sd15-half-64": ("profile", "--model", "sd15-half", "--latent", "64", "--world-size", "2", "--steps",
                                  "4"),
         "fidelity": ("fidelity", "--world-sizes", "2", "4", "--warmups", "1", "2", "4", "--stale-dtypes", "none",
-                     "bfloat16", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
+                     "bfloat16", "--seeds", *SEEDS, "--size", "32", "--steps", "20"),
         # More synchronous warm-up steps: what each buys the fully asynchronous default in fidelity.
         "fidelity-warmup": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVES[20]),
-                            "--gn-variants", "corrected", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20",
+                            "--gn-variants", "corrected", "--seeds", *SEEDS, "--size", "32", "--steps", "20",
                             "--jobs", "2"),
         # DistriFusion's published fidelity is for 50 DDIM steps: closer steps, fresher stale activations.
         # Warm-ups 4, 8 and 12 of 50: whether a longer generation needs more synchronous steps, or a like share.
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVES[50]),
-                        "--gn-variants", "corrected", "sync", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "50",
+                        "--gn-variants", "corrected", "sync", "--seeds", *SEEDS, "--size", "32", "--steps", "50",
                         "--jobs", "2"),
         # Twice the trained size: patches of 32 and 16 rows, nearer DistriFusion's 1024-pixel SDXL patches
-        # (a 128-row latent) than the 16 and 8 rows at 32x32.
-        "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected", "sync",
-                        "--seeds", *SEEDS, "--size", "64", "--steps", "20"),
+        # (a 128-row latent) than the 16 and 8 rows at 32x32; longer warm-ups, as at 32x32.
+        "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "6", "8", "--gn-variants", "corrected",
+                        "sync", "--seeds", *SEEDS, "--size", "64", "--steps", "20", "--jobs", "2"),
         # Stale halo rows and keys/values extrapolated from the last two steps, against the default's last step.
         "fidelity-extrapolate": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected",
-                                 "--extrapolations", "0.25", "0.5", "--seeds", *TARGET_SEEDS, "--size", "32",
+                                 "--extrapolations", "0.25", "0.5", "--seeds", *SEEDS, "--size", "32",
                                  "--steps", "20"),
         # The same extrapolation with GroupNorm's statistics exchanged synchronously: the two together.
         "fidelity-extrapolate-gn-sync": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants",
-                                         "sync", "--extrapolations", "0.25", "0.5", "--seeds", *TARGET_SEEDS, "--size",
+                                         "sync", "--extrapolations", "0.25", "0.5", "--seeds", *SEEDS, "--size",
                                          "32", "--steps", "20"),
         # Halo rows exchanged synchronously (small), with stale or synchronous GroupNorm statistics: what stays
         # stale is keys/values only, or also the statistics.
         "fidelity-fresh": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants", "corrected",
-                           "sync", "--fresh-sets", "halo", "--seeds", *TARGET_SEEDS, "--size", "32", "--steps", "20"),
+                           "sync", "--fresh-sets", "halo", "--seeds", *SEEDS, "--size", "32", "--steps", "20"),
         # The two that gained most together: halo rows and GroupNorm statistics synchronous, the keys/values
         # that stay stale extrapolated.
         "fidelity-fresh-extrapolate": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--gn-variants",
                                        "sync", "--extrapolations", "0", "0.5", "--fresh-sets", "halo", "--seeds",
-                                       *TARGET_SEEDS, "--size", "32", "--steps", "20"),
+                                       *SEEDS, "--size", "32", "--steps", "20"),
         "vae-memory": ("bench", "--component", "vae", "--latent", "64", "--world-sizes", "2", "4"),
         # Full SDXL on one GPU at DistriFusion's resolutions, projected to 2, 4 and 8 GPUs over an
         # NVLink-class and a PCIe-class link; one section per resolution (each a few minutes).
