@@ -204,8 +204,8 @@ def test_warm_up_steps_get_their_own_median_and_price_a_generation():
     eager_case = BenchCase(world_size=1, mode="eager", steps=6)
     eager = _summarize(eager_case, [_measured(eager_case, [9, 4, 4, 4, 4, 4])])
     assert eager["warmup_step_s"] is None
-    steps, twenty, fifty = _warmup_findings([eager, stale])
-    assert "took 4.000 s against its stale steps' 2.000 s (+100%" in steps
+    step_times, twenty, fifty = _warmup_findings([eager, stale])
+    assert "took 4.000 s against its stale steps' 2.000 s (+100%" in step_times
     # W warm-up steps of 4 s and 20 - W stale ones of 2 s, against 20 unmodified steps of 4 s
     assert "A 20-step generation" in twenty and "the unmodified model's takes 80.0 s" in twenty
     assert "W = 4: 48.0 s (1.67x, +0%), 5: 50.0 s (1.60x, +4%), 6: 52.0 s (1.54x, +8%), 8: 56.0 s (1.43x, +17%)" in twenty
