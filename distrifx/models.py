@@ -100,6 +100,11 @@ UNET_CONFIGS["sdxl-full"] = dict(
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+# Full SDXL's blocks, transformer depths and op graph at a sliver of its width: on a CPU its steps are
+# bound by per-op dispatch as full SDXL's eager steps are on a GPU, so dispatch overhead is measurable here.
+UNET_CONFIGS["sdxl-narrow"] = dict(UNET_CONFIGS["sdxl-full"], block_out_channels=(64, 64, 128),
+                                   attention_head_dim=(2, 2, 4), cross_attention_dim=64, addition_time_embed_dim=8,
+                                   projection_class_embeddings_input_dim=64 + 6 * 8)
 
 
 def random_unet(name: str = "sd15", seed: int = 0, **overrides: Any) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""The distrifx compiler passes: annotate -> shard -> schedule -> cleanup.
+"""The distrifx compiler passes: simplify -> annotate -> shard -> schedule -> cleanup.
 
 Each pass is a function ``(GraphModule, PassContext) -> PassResult``; :data:`PIPELINE` lists them
 by name and :func:`build_rank_graph` runs them for one rank and phase.
@@ -15,6 +15,7 @@ from distrifx.passes.cleanup import cleanup
 from distrifx.passes.manager import PassContext, PassResult, Phase, run_passes
 from distrifx.passes.schedule import collective_order, schedule
 from distrifx.passes.shard import META_SIGNATURE, META_SITES, RankSignature, shard
+from distrifx.passes.simplify import simplify
 
 __all__ = [
     "PIPELINE",
@@ -30,6 +31,7 @@ __all__ = [
 ]
 
 PIPELINE = (
+    ("simplify", simplify),
     ("annotate", annotate),
     ("shard", shard),
     ("schedule", schedule),

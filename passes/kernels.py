@@ -6,9 +6,12 @@ becomes ordinary graph nodes there. Shapes they need are passed as Python ints (
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
+    "GroupNormInput",
     "group_stats",
     "combine_group_stats",
     "corrected_group_stats",
@@ -18,17 +21,41 @@ __all__ = [
 ]
 
 
-def group_stats(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
+@dataclass(frozen=True)
+class GroupNormInput:
+    """What the GroupNorm kernels know of this rank's input when the graph is built.
+
+    Plain Python values: traced, they become constants of the ops, not nodes that compute them.
+    """
+
+    batch: int
+    channels: int
+    spatial: int  # elements per channel in this rank's patch
+    ndim: int
+    groups: int
+    eps: float
+    dtype: torch.dtype
+
+    @property
+    def per_group(self) -> int:
+        return self.channels // self.groups
+
+
+def _as_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` (of ``dtype``) in fp32; no op when it already is."""
+    return x if dtype == torch.float32 else x.float()
+
+
+def group_stats(x: torch.Tensor, spec: GroupNormInput) -> torch.Tensor:
     """Per-(batch, group) ``[mean, biased var]`` of this rank's patch, shaped (1, B, G, 2), in fp32.
 
     Taken from ``native_group_norm`` (its normalized output is unused): on CPU its vectorized
     statistics are an order of magnitude faster than ``var_mean``. The variance comes back from
     its ``rstd = (var + eps) ** -0.5``.
     """
-    batch, channels = x.shape[:2]
-    _, mean, rstd = torch.ops.aten.native_group_norm(x.float().contiguous(), None, None, batch, channels,
-                                                      x.numel() // (batch * channels), groups, eps)
-    return torch.stack([mean, rstd.pow(-2) - eps], -1).unsqueeze(0)
+    _, mean, rstd = torch.ops.aten.native_group_norm(_as_float(x, spec.dtype).contiguous(), None, None, spec.batch,
+                                                      spec.channels, spec.spatial, spec.groups, spec.eps)
+    return torch.stack([mean, rstd.pow(-2) - spec.eps], -1).unsqueeze(0)
 
 
 def combine_group_stats(stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,38 +91,38 @@ def group_norm_apply(
     x: torch.Tensor,
     mean: torch.Tensor,
     var: torch.Tensor,
-    groups: int,
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
-    eps: float,
-    ndim: int,
-    channels: int,
+    spec: GroupNormInput,
 ) -> torch.Tensor:
-    """GroupNorm of ``x`` (ndim dims: B, C, spatial...) with given (B, G) statistics and affine.
+    """GroupNorm of ``x`` (B, C, spatial...) with given (B, G) statistics and affine.
 
     Folds statistics and affine into one per-channel scale and shift, computed per (batch,
     group, channel in group), so the activation is read once (``x * scale + shift``) and the
     small tensors take a handful of ops.
     """
-    per_group = channels // groups
-    scale = torch.rsqrt(var + eps).unsqueeze(-1)  # (B, G, 1)
+    groups, per_group = spec.groups, spec.per_group
+    scale = torch.rsqrt(var + spec.eps).unsqueeze(-1)  # (B, G, 1)
     if weight is not None:
         scale = scale * weight.view(groups, per_group)
     shift = -mean.unsqueeze(-1) * scale if bias is None else torch.addcmul(
         bias.view(groups, per_group), mean.unsqueeze(-1), scale, value=-1)
-    batch = x.shape[0]
-    shape = (batch, channels) + (1,) * (ndim - 2)
-    return torch.addcmul(shift.expand(batch, groups, per_group).reshape(shape).to(x.dtype), x,
-                         scale.expand(batch, groups, per_group).reshape(shape).to(x.dtype))
+    shape = (spec.batch, spec.channels) + (1,) * (spec.ndim - 2)
+
+    def per_channel(t: torch.Tensor) -> torch.Tensor:
+        t = t.expand(spec.batch, groups, per_group).reshape(shape)
+        return t if spec.dtype == torch.float32 else t.to(spec.dtype)
+
+    return torch.addcmul(per_channel(shift), x, per_channel(scale))
 
 
 def splice_own(
     stale: torch.Tensor, fresh: torch.Tensor, dim: int, rank: int, size: int, world_size: int
 ) -> torch.Tensor:
     """``stale`` (all ranks' blocks along ``dim``) with block ``rank`` (of ``size``) replaced by ``fresh``."""
-    before = stale.narrow(dim, 0, rank * size)
-    after = stale.narrow(dim, (rank + 1) * size, (world_size - rank - 1) * size)
-    return torch.cat([before, fresh, after], dim)
+    before = [stale.narrow(dim, 0, rank * size)] if rank > 0 else []
+    after = [stale.narrow(dim, (rank + 1) * size, (world_size - rank - 1) * size)] if rank < world_size - 1 else []
+    return torch.cat([*before, fresh, *after], dim)
 
 
 def halo_split(rows: torch.Tensor, dim: int, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:

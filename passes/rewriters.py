@@ -8,6 +8,7 @@ rewriter is written once for all modes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -88,16 +89,17 @@ def _row_bytes(x: Node, dim: int) -> int:
 def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs: dict) -> Node:
     x, groups = args[0], args[1]
     weight, bias, eps = (tuple(args[2:5]) + (None, None, 1e-5)[len(args) - 2:])[:3]
-    stats = b.trace(kernels.group_stats, x, groups, eps)
-    batch = global_shape(node)[0]
-    nbytes = batch * groups * 2 * 4 * (b.ctx.world_size - 1)
+    shape = global_shape(node)
+    spec = kernels.GroupNormInput(batch=shape[0], channels=shape[1], spatial=math.prod(shape[2:]) // b.ctx.world_size,
+                                  ndim=len(shape), groups=groups, eps=eps, dtype=node.meta["val"].dtype)
+    stats = b.trace(kernels.group_stats, x, spec)
+    nbytes = spec.batch * groups * 2 * 4 * (b.ctx.world_size - 1)
     now, stale = b.exchange(f"gn_{node.name}", "gn", ops.all_gather_start, (stats, 0), nbytes)
     if stale is not None and b.ctx.gn_variant is GNVariant.CORRECTED:
         mean, var = b.trace(kernels.corrected_group_stats, stale, stats, b.ctx.rank)
     else:  # fresh global (sync), previous step's global (stale), or local only (separate)
         mean, var = b.trace(kernels.combine_group_stats, next(s for s in (now, stale, stats) if s is not None))
-    shape = global_shape(node)
-    return b.trace(kernels.group_norm_apply, x, mean, var, groups, weight, bias, eps, len(shape), shape[1])
+    return b.trace(kernels.group_norm_apply, x, mean, var, weight, bias, spec)
 
 
 def _gather_tokens(b: Builder, name: str, old: Node, new: Node, seq_dim: int) -> Node:

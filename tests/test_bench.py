@@ -532,6 +532,17 @@ def test_one_rank_alone_is_called_a_bound_only_when_it_is_one(alone_s, expected)
     assert expected in finding
 
 
+def test_one_rank_alone_without_ranks_run_together_is_a_bound_without_communication():
+    """A section of one-rank-alone rows only (a GPU's, a dispatch-bound model's) still reports the rank against
+    the model, and does not blame transport or shared cores it never measured."""
+    from distrifx.report import _speed_findings
+
+    results = [_speed_result("eager", 1, 0.11), _speed_result("stale", 2, 0.124, projected=True)]
+    (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("One stale rank timed alone")]
+    assert "0.124 s, a 0.89x speedup over the unmodified model: a bound that leaves communication out" in finding
+    assert "sharing the cores" not in finding
+
+
 def test_copies_measure_the_machine_ceiling_and_the_target_is_set_against_it(monkeypatch):
     """N copies of the unmodified model at once do N steps per step time: N x the baseline's rate is what a
     perfect split could reach; the findings and the target's verdict say how much of it stale mode reaches."""

@@ -11,6 +11,7 @@ from torch import nn
 import distrifx
 from distrifx.models import random_unet, unet_inputs
 from distrifx.passes import Phase, collective_order
+from distrifx.passes.kernels import GroupNormInput
 from distrifx.passes.manager import DUMP_ENV
 from distrifx.passes.rules import register
 from distrifx.passes.rules.spatial import conv_halo
@@ -140,7 +141,7 @@ def test_dump_dir_gets_every_pass_before_and_after(tmp_path, monkeypatch):
     unet = random_unet("sd15")
     distrifx.explain(unet, *unet_inputs(unet), world_size=2, mode="sync")
     names = sorted(p.name for p in tmp_path.iterdir())
-    for pass_name in ("annotate", "shard", "schedule", "cleanup"):
+    for pass_name in ("simplify", "annotate", "shard", "schedule", "cleanup"):
         assert any(f".{pass_name}.before." in n for n in names)
         assert any(f".{pass_name}.after." in n for n in names)
 
@@ -194,10 +195,16 @@ def test_exchanging_hidden_states_halves_attention_traffic():
     assert kv_bytes["hidden"] * 2 == kv_bytes["kv"]
 
 
+def _spec(x: torch.Tensor, n: int, groups: int) -> GroupNormInput:
+    """The kernels' static view of one of ``n`` row patches of ``x``."""
+    return GroupNormInput(batch=x.shape[0], channels=x.shape[1], spatial=x[0, 0].numel() // n, ndim=x.dim(),
+                          groups=groups, eps=1e-5, dtype=x.dtype)
+
+
 def _patch_stats(x: torch.Tensor, n: int, groups: int) -> torch.Tensor:
     from distrifx.passes.kernels import group_stats
 
-    return torch.cat([group_stats(part, groups, 1e-5) for part in x.chunk(n, dim=2)])
+    return torch.cat([group_stats(part, _spec(x, n, groups)) for part in x.chunk(n, dim=2)])
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -212,7 +219,7 @@ def test_group_norm_kernels_equal_group_norm_from_the_patches_stats(affine, offs
         nn.init.normal_(norm.weight)
         nn.init.normal_(norm.bias)
     mean, var = combine_group_stats(_patch_stats(x, 4, 4))
-    out = group_norm_apply(x, mean, var, 4, norm.weight, norm.bias, norm.eps, 4, 8)
+    out = group_norm_apply(x, mean, var, norm.weight, norm.bias, _spec(x, 1, 4))
     # x * scale + shift rounds like |x|; E[x^2] - E[x]^2 at this offset would be off by ~1e-3
     torch.testing.assert_close(out, norm(x), atol=2e-6 * (1 + offset), rtol=1e-5)
 
