@@ -58,6 +58,11 @@ class Plan:
     def bytes_per_step(self, phase: str) -> int:
         return sum(s.bytes_sent for s in self.sites(phase))
 
+    def calls(self, phase: str) -> int:
+        """Function and method calls ``phase``'s graph makes per step: in an eager rank, each is a Python call
+        and a dispatch, whatever the size of its tensors."""
+        return sum(node.op in ("call_function", "call_method") for node in self.graphs[phase].graph.nodes)
+
     def bytes_by_kind(self, phase: str) -> dict[str, tuple[int, int]]:
         """``{kind: (exchanges, bytes this rank sends per step)}`` for ``phase``."""
         out: dict[str, tuple[int, int]] = {}
@@ -79,6 +84,7 @@ class Plan:
                 + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
                 + " | forms: " + ", ".join(f"{k} x{v}" for k, v in sorted(forms.items()))
                 + f" | sent by this rank per step: {self.bytes_per_step(phase) / 2**20:.3f} MiB"
+                + f" | {self.calls(phase)} calls"
             )
             for s in sites:
                 out.append(f"  {s.kind:8s} {s.form.value:6s} {s.bytes_sent:>10d} B  {s.name:40s} {s.module}")

@@ -9,7 +9,7 @@ from torch import nn
 import distrifx
 from distrifx.capture import capture
 from distrifx.models import random_unet, unet_inputs
-from distrifx.passes import PassContext
+from distrifx.passes import PassContext, Phase, build_rank_graph
 from distrifx.passes.simplify import identity, simplify
 
 aten = torch.ops.aten
@@ -61,6 +61,19 @@ def test_dropout_that_drops_stays():
     drop.args = (drop.args[0], drop.args[1], True)  # as a training graph would have it
     simplify(gm, PassContext(rank=0, world_size=1))
     assert aten.dropout.default in _targets(gm)
+
+
+def test_a_rank_makes_fewer_calls_per_step_with_the_pass():
+    unet = random_unet("sdxl")
+    args, kwargs = unet_inputs(unet)
+    captured = capture(unet.eval(), args, kwargs)
+    ctx = PassContext(rank=1, world_size=2, phase=Phase.STALE)
+    with captured.lock:  # this capture is fresh: nothing simplified it yet
+        unsimplified = build_rank_graph(captured.graph_module, ctx, skip=("simplify",))
+    plan = distrifx.explain(unet, args, kwargs, world_size=2, rank=1, mode="stale")
+    before = sum(n.op in ("call_function", "call_method") for n in unsimplified.graph.nodes)
+    assert plan.calls(Phase.STALE) < before
+    assert f"| {plan.calls(Phase.STALE)} calls" in plan.summary()
 
 
 def test_a_unets_rank_graphs_keep_no_dropout_or_check():
