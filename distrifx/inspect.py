@@ -22,7 +22,7 @@ from distrifx.passes.builder import ExchangeSite
 from distrifx.runtime.ops import is_start, is_wait
 from distrifx.runtime.program import phases_for
 
-__all__ = ["Plan", "explain", "collective_timeline"]
+__all__ = ["Plan", "explain", "collective_timeline", "graph_calls"]
 
 
 def collective_timeline(gm: GraphModule) -> str:
@@ -43,6 +43,11 @@ def collective_timeline(gm: GraphModule) -> str:
     return "\n".join(lines)
 
 
+def graph_calls(gm: GraphModule) -> int:
+    """Function and method calls ``gm`` makes per run: in an eager rank, each a Python call and a dispatch."""
+    return sum(node.op in ("call_function", "call_method") for node in gm.graph.nodes)
+
+
 @dataclass(frozen=True)
 class Plan:
     """One rank's compiled graphs for one input signature, by phase."""
@@ -59,9 +64,8 @@ class Plan:
         return sum(s.bytes_sent for s in self.sites(phase))
 
     def calls(self, phase: str) -> int:
-        """Function and method calls ``phase``'s graph makes per step: in an eager rank, each is a Python call
-        and a dispatch, whatever the size of its tensors."""
-        return sum(node.op in ("call_function", "call_method") for node in self.graphs[phase].graph.nodes)
+        """Function and method calls ``phase``'s graph makes per step (:func:`graph_calls`)."""
+        return graph_calls(self.graphs[phase])
 
     def bytes_by_kind(self, phase: str) -> dict[str, tuple[int, int]]:
         """``{kind: (exchanges, bytes this rank sends per step)}`` for ``phase``."""

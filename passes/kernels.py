@@ -41,9 +41,9 @@ class GroupNormInput:
         return self.channels // self.groups
 
 
-def _as_float(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` (of ``dtype``) in fp32; no op when it already is."""
-    return x if dtype == torch.float32 else x.float()
+def _cast(x: torch.Tensor, have: torch.dtype, want: torch.dtype) -> torch.Tensor:
+    """``x`` (of dtype ``have``, known when the graph is built) as ``want``; no op when they are the same."""
+    return x if have == want else x.to(want)
 
 
 def group_stats(x: torch.Tensor, spec: GroupNormInput) -> torch.Tensor:
@@ -53,8 +53,9 @@ def group_stats(x: torch.Tensor, spec: GroupNormInput) -> torch.Tensor:
     statistics are an order of magnitude faster than ``var_mean``. The variance comes back from
     its ``rstd = (var + eps) ** -0.5``.
     """
-    _, mean, rstd = torch.ops.aten.native_group_norm(_as_float(x, spec.dtype).contiguous(), None, None, spec.batch,
-                                                      spec.channels, spec.spatial, spec.groups, spec.eps)
+    x32 = _cast(x, spec.dtype, torch.float32).contiguous()
+    _, mean, rstd = torch.ops.aten.native_group_norm(x32, None, None, spec.batch, spec.channels, spec.spatial,
+                                                      spec.groups, spec.eps)
     return torch.stack([mean, rstd.pow(-2) - spec.eps], -1).unsqueeze(0)
 
 
@@ -110,8 +111,7 @@ def group_norm_apply(
     shape = (spec.batch, spec.channels) + (1,) * (spec.ndim - 2)
 
     def per_channel(t: torch.Tensor) -> torch.Tensor:
-        t = t.expand(spec.batch, groups, per_group).reshape(shape)
-        return t if spec.dtype == torch.float32 else t.to(spec.dtype)
+        return _cast(t.expand(spec.batch, groups, per_group).reshape(shape), torch.float32, spec.dtype)
 
     return torch.addcmul(per_channel(shift), x, per_channel(scale))
 
