@@ -29,6 +29,7 @@ from torch.utils._pytree import tree_map
 
 from distrifx.errors import ConfigError
 from distrifx.passes import Phase
+from distrifx.plots import figure
 
 __all__ = ["BenchCase", "Link", "projected_step", "build_case", "baseline_key", "measure_case", "run_cases",
            "markdown_table", "machine_description", "plot_results", "write_results", "read_results", "write_json",
@@ -386,14 +387,7 @@ CEILING = "this machine's ceiling (N copies of the model at once)"  # the speedu
 
 def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """Speedup against world size (with the ideal N x) and a stacked step-time breakdown."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    fig, ax = plt.subplots(figsize=(5, 3.6))
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         c = r["case"]
@@ -401,32 +395,26 @@ def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
             key = CEILING if c["mode"] == "copies" else r["label"].replace(f" N={c['world_size']}", "")
             series.setdefault(key, []).append((c["world_size"], r["speedup"]))
     sizes = sorted({n for points in series.values() for n, _ in points} | {1})
-    ax.plot(sizes, sizes, "k--", label="ideal N x")
-    for key, points in sorted(series.items()):
-        points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], "k^:" if key == CEILING else "o-", label=key)
-    ax.set_xlabel("ranks (N)")
-    ax.set_ylabel("speedup over one rank")
-    ax.set_xticks(sizes)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out_dir / "speedup.png")
-    fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
+    paths = [out_dir / "speedup.png", out_dir / "breakdown.png"]
+    with figure(paths[0], dpi=130, figsize=(5, 3.6)) as ax:
+        ax.plot(sizes, sizes, "k--", label="ideal N x")
+        for key, points in sorted(series.items()):
+            points.sort()
+            ax.plot([p[0] for p in points], [p[1] for p in points], "k^:" if key == CEILING else "o-", label=key)
+        ax.set_xlabel("ranks (N)")
+        ax.set_ylabel("speedup over one rank")
+        ax.set_xticks(sizes)
+        ax.legend(fontsize=6)
 
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(results)), 4.2))
-    labels = [textwrap.fill(r["label"], 18) for r in results]
-    compute = [r["compute_s"] for r in results]
-    exposed = [r["exposed_comm_s"] for r in results]
-    ax.bar(labels, compute, label="compute")
-    ax.bar(labels, exposed, bottom=compute, label="exposed communication (blocked in waits)")
-    ax.set_ylabel("seconds per step (slowest rank)")
-    ax.tick_params(axis="x", labelsize=6)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out_dir / "breakdown.png")
-    fig.savefig(paths[-1], dpi=130)
-    plt.close(fig)
+    with figure(paths[1], dpi=130, figsize=(max(5, 1.1 * len(results)), 4.2)) as ax:
+        labels = [textwrap.fill(r["label"], 18) for r in results]
+        compute = [r["compute_s"] for r in results]
+        exposed = [r["exposed_comm_s"] for r in results]
+        ax.bar(labels, compute, label="compute")
+        ax.bar(labels, exposed, bottom=compute, label="exposed communication (blocked in waits)")
+        ax.set_ylabel("seconds per step (slowest rank)")
+        ax.tick_params(axis="x", labelsize=6)
+        ax.legend(fontsize=7)
     return paths
 
 

@@ -67,9 +67,9 @@ from distrifx.errors import ArtifactError, ConfigError, DistrifxError, InputSign
 from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
 from distrifx.runtime.cfg import CfgSplit, batch_half, batch_size, local_call, wants_split
-from distrifx.runtime.comm import CommStats, Communicator, SimulatedGroup, check_same_inputs
-from distrifx.runtime.module import _leaf_paths
-from distrifx.runtime.program import Generation, RankProgram, build_program, phases_for
+from distrifx.runtime.comm import Communicator, SimulatedGroup, check_same_inputs
+from distrifx.runtime.module import SteppedModule, _leaf_paths
+from distrifx.runtime.program import RankProgram, build_program, phases_for
 from distrifx.runtime.simulate import simulate
 
 __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest", "ExportedModule",
@@ -888,7 +888,7 @@ def _model_attributes(model: Mapping[str, Any]) -> dict[str, Any]:
     return attributes
 
 
-class ExportedModule(nn.Module):
+class ExportedModule(SteppedModule):
     """A stored program on this rank: called like the exported model, returns what it returned.
 
     Steps and phases are tracked like :class:`~distrifx.runtime.module.ParallelModule`: a new
@@ -912,40 +912,27 @@ class ExportedModule(nn.Module):
 
     def __init__(self, directory: Path, inputs: Mapping[str, Any], in_spec: TreeSpec, config: ParallelConfig,
                  comm: Communicator, cfg: CfgSplit | None, program: RankProgram, attributes: Mapping[str, Any]) -> None:
-        super().__init__()
+        super().__init__(config, comm)  # comm: every rank; with a CFG split, cfg.patch is this rank's patch group
         self.directory = directory
-        self.parallel_config = config
-        self.comm = comm  # every rank; with a CFG split, cfg.patch is this rank's patch group
         self.cfg = cfg
         self.program = program
-        self.generation = Generation(config.mode, config.warmup_steps)
         self._inputs = inputs
         self._in_spec = in_spec
         self._attributes = dict(attributes)
-        self.last_phase: str | None = None
-        self.last_stats = CommStats()
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            attributes = self.__dict__.get("_attributes", {})
-            if name in attributes:
-                return attributes[name]
-            raise AttributeError(
-                f"{type(self).__name__} has no attribute {name!r}: a loaded export answers only what was recorded "
-                f"from the model at export ({sorted(attributes)}). Features that need the model's modules (IP "
-                "adapters, attention processors, FreeU) need the model itself: use distrifx.parallelize."
-            ) from None
+    def _missing(self, name: str) -> Any:
+        attributes = self.__dict__.get("_attributes", {})
+        if name in attributes:
+            return attributes[name]
+        raise AttributeError(
+            f"{type(self).__name__} has no attribute {name!r}: a loaded export answers only what was recorded "
+            f"from the model at export ({sorted(attributes)}). Features that need the model's modules (IP "
+            "adapters, attention processors, FreeU) need the model itself: use distrifx.parallelize.")
 
     @contextlib.contextmanager
     def cache_context(self, name: str, **kwargs: Any) -> Iterator[None]:
         """What diffusers pipelines enter around each call for their cache hooks; a stored program has none."""
         yield
-
-    def reset(self) -> None:
-        """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
-        self.generation.reset()
 
     def _arrange(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """The call in the exported structure: positional and keyword arguments bound by name."""
@@ -989,11 +976,8 @@ class ExportedModule(nn.Module):
         flat = self._flat_inputs(args, kwargs)
         check_same_inputs(self.comm, flat, lambda: self._inputs["names"])
         index = self._inputs["timestep"]
-        phase = self.generation.next_phase(flat[index] if index is not None else None, self._in_spec)
         call = local_call(self.comm, self.cfg is not None, flat, lambda: self.cfg)
-        outputs, self.last_stats = call.run(self.generation, self.program, phase)
-        self.last_phase = phase
-        return tree_unflatten(outputs, self.program.out_spec)
+        return self._step(call, self.program, flat[index] if index is not None else None, self._in_spec)
 
 
 def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float = 300.0,

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from distrifx.metrics import psnr, ssim
+from distrifx.plots import figure
 
 __all__ = ["FidelityCase", "run_fidelity", "psnr_by_seed", "paired_gaps", "standard_error", "fidelity_table",
            "fidelity_figure", "warmup_sweep", "warmup_figure", "FIDELITY_TARGET_DB"]
@@ -154,28 +155,21 @@ def fidelity_table(rows: list[dict[str, Any]]) -> str:
 def fidelity_figure(images: dict[str, list[torch.Tensor]], rows: list[dict[str, Any]], path: Any,
                     max_seeds: int = 8) -> None:
     """A grid: one row per seed (the first ``max_seeds``), the reference then each configuration, PSNR in the titles."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = list(images)
     seeds = min(len(images["reference"]), max_seeds)
-    fig, axes = plt.subplots(seeds, len(labels), figsize=(2.2 * len(labels), 2.8 * seeds), squeeze=False)
-    for s in range(seeds):
-        for c, label in enumerate(labels):
-            ax = axes[s][c]
-            ax.imshow(images[label][s][0].permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if label == "reference":
-                ax.set_title("1 device", fontsize=8)
-            else:
-                value = [r for r in rows if r["label"] == label][s]["psnr_db"]
-                ax.set_title(f"{textwrap.fill(label, 30)}\n{value:.1f} dB", fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, dpi=120, nrows=seeds, ncols=len(labels), figsize=(2.2 * len(labels), 2.8 * seeds),
+                squeeze=False) as axes:
+        for s in range(seeds):
+            for c, label in enumerate(labels):
+                ax = axes[s][c]
+                ax.imshow(images[label][s][0].permute(1, 2, 0).clamp(0, 1).numpy())
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if label == "reference":
+                    ax.set_title("1 device", fontsize=8)
+                else:
+                    value = [r for r in rows if r["label"] == label][s]["psnr_db"]
+                    ax.set_title(f"{textwrap.fill(label, 30)}\n{value:.1f} dB", fontsize=7)
 
 
 def warmup_sweep(rows: list[dict[str, Any]]) -> list[int]:
@@ -189,26 +183,18 @@ def warmup_sweep(rows: list[dict[str, Any]]) -> list[int]:
 def warmup_figure(rows: list[dict[str, Any]], path: Any) -> None:
     """PSNR gained over naive patches against synchronous warm-up steps, per world size: the mean over
     seeds (paired) with its standard error, and the +20 dB target."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     sweep = warmup_sweep(rows)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for world in sorted({r["world_size"] for r in rows}):
-        naive = FidelityCase(world, "naive").label
-        points = [(w, paired_gaps(rows, FidelityCase(world, "stale", w).label, naive)) for w in sweep]
-        points = [(w, gaps) for w, gaps in points if gaps]
-        ax.errorbar([w for w, _ in points], [statistics.fmean(g) for _, g in points],
-                    yerr=[standard_error(g) for _, g in points], marker="o", capsize=3, label=f"N={world}")
-    ax.axhline(FIDELITY_TARGET_DB, color="k", linestyle=":", label=f"+{FIDELITY_TARGET_DB:.0f} dB")
-    ax.set_xticks(sweep)
-    low, high = ax.get_ylim()
-    ax.set_ylim(min(low, FIDELITY_TARGET_DB - 1), max(high, FIDELITY_TARGET_DB + 1))
-    ax.set_xlabel(f"synchronous warm-up steps (of {rows[0]['steps']})")
-    ax.set_ylabel("PSNR over naive patches (dB):\nmean, standard error")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, dpi=120, figsize=(5, 3.5)) as ax:
+        for world in sorted({r["world_size"] for r in rows}):
+            naive = FidelityCase(world, "naive").label
+            points = [(w, paired_gaps(rows, FidelityCase(world, "stale", w).label, naive)) for w in sweep]
+            points = [(w, gaps) for w, gaps in points if gaps]
+            ax.errorbar([w for w, _ in points], [statistics.fmean(g) for _, g in points],
+                        yerr=[standard_error(g) for _, g in points], marker="o", capsize=3, label=f"N={world}")
+        ax.axhline(FIDELITY_TARGET_DB, color="k", linestyle=":", label=f"+{FIDELITY_TARGET_DB:.0f} dB")
+        ax.set_xticks(sweep)
+        low, high = ax.get_ylim()
+        ax.set_ylim(min(low, FIDELITY_TARGET_DB - 1), max(high, FIDELITY_TARGET_DB + 1))
+        ax.set_xlabel(f"synchronous warm-up steps (of {rows[0]['steps']})")
+        ax.set_ylabel("PSNR over naive patches (dB):\nmean, standard error")
+        ax.legend()

@@ -18,7 +18,7 @@ from distrifx.runtime.cfg import CfgSplit, LocalCall, local_call
 from distrifx.runtime.comm import CommStats, Communicator, check_same_inputs
 from distrifx.runtime.program import Generation, RankProgram, build_program
 
-__all__ = ["ParallelModule", "PIPELINE_ATTRIBUTES"]
+__all__ = ["ParallelModule", "SteppedModule", "PIPELINE_ATTRIBUTES"]
 
 # What diffusers pipelines read from their denoiser besides calling it. Forwarded explicitly to
 # the wrapped model; anything else is at ``pmodel.module``.
@@ -35,7 +35,43 @@ def _leaf_paths(params: list[str], args: tuple, kwargs: dict) -> list[tuple[str,
     return [(keystr(path)[2:].replace("']", "", 1), leaf) for path, leaf in leaves]
 
 
-class ParallelModule(nn.Module):
+class SteppedModule(nn.Module):
+    """What a parallelized model and a loaded export share: the generation's steps and phases, the
+    phase and communication of the last call, and attribute lookups the module itself cannot answer
+    (``_missing``)."""
+
+    def __init__(self, config: ParallelConfig, comm: Communicator) -> None:
+        super().__init__()
+        self.parallel_config = config
+        self.comm = comm
+        self.generation = Generation(config.mode, config.warmup_steps)
+        self.last_phase: str | None = None
+        self.last_stats = CommStats()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            pass
+        return self._missing(name)  # outside the handler: its error is not chained to nn.Module's
+
+    def _missing(self, name: str) -> Any:
+        """The value of an attribute ``nn.Module`` does not hold, or an AttributeError saying why not."""
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def reset(self) -> None:
+        """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
+        self.generation.reset()
+
+    def _step(self, call: LocalCall, program: RankProgram, timestep: object, key: Hashable) -> Any:
+        """Run this step's phase of ``program``; return its outputs in the model's structure."""
+        phase = self.generation.next_phase(timestep, key)
+        outputs, self.last_stats = call.run(self.generation, program, phase)
+        self.last_phase = phase
+        return tree_unflatten(outputs, program.out_spec)
+
+
+class ParallelModule(SteppedModule):
     """A model split into row patches over the ranks of a communicator.
 
     Call it exactly like the model: same arguments, same return type, the full output on every
@@ -44,33 +80,19 @@ class ParallelModule(nn.Module):
     """
 
     def __init__(self, model: nn.Module, config: ParallelConfig, comm: Communicator) -> None:
-        super().__init__()
+        super().__init__(config, comm)
         self.module = model
-        self.parallel_config = config
-        self.comm = comm
-        self.generation = Generation(config.mode, config.warmup_steps)
         self._programs: dict[Hashable, RankProgram] = {}
         self._cfg: CfgSplit | None = None
         self.build_seconds = 0.0  # capture + passes, summed over input signatures
         self._signature = inspect.signature(model.forward)
         self._timestep_param = "timestep" if "timestep" in self._signature.parameters else None
-        self.last_phase: str | None = None
-        self.last_stats = CommStats()
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in PIPELINE_ATTRIBUTES:
-                return getattr(self._modules["module"], name)
-            raise AttributeError(
-                f"{type(self).__name__} has no attribute {name!r}; the wrapped model is at "
-                f".module (only {sorted(PIPELINE_ATTRIBUTES)} are forwarded)"
-            ) from None
-
-    def reset(self) -> None:
-        """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
-        self.generation.reset()
+    def _missing(self, name: str) -> Any:
+        if name in PIPELINE_ATTRIBUTES:
+            return getattr(self._modules["module"], name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}; the wrapped model is at "
+                             f".module (only {sorted(PIPELINE_ATTRIBUTES)} are forwarded)")
 
     def _cfg_split(self) -> CfgSplit:
         if self._cfg is None:
@@ -112,7 +134,4 @@ class ParallelModule(nn.Module):
             path for path, _ in _leaf_paths(list(self._signature.parameters), args, kwargs)])
         call = self._localize(flat)
         key, program = self._program(call, spec)
-        phase = self.generation.next_phase(self._timestep(args, kwargs), key)
-        outputs, self.last_stats = call.run(self.generation, program, phase)
-        self.last_phase = phase
-        return tree_unflatten(outputs, program.out_spec)
+        return self._step(call, program, self._timestep(args, kwargs), key)

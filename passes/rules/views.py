@@ -74,32 +74,24 @@ def _unsharded(node: Node) -> Decision | None:
     return None if sharded_inputs(node) else Decision(output=Replicate())
 
 
-@register(aten.view.default, aten.reshape.default, aten._unsafe_view.default)
-def _view(node: Node, ctx: RuleContext) -> Decision:
+@register(aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
+          aten.unflatten.int)
+def _reshape(node: Node, ctx: RuleContext) -> Decision:
+    """The shard moves where the reshape keeps it contiguous (else the input is gathered first); the
+    sizes given are localized: a view's whole shape, unflatten's split sizes (flatten takes none)."""
     if (d := _unsharded(node)) is not None:
         return d
     x = node.args[0]
     shard = _reshaped_shard(x, global_shape(node), placement_of(x), ctx.world_size)
     if shard is None:
         return gather_first(node)
-    return Decision(output=shard, args=(x, ctx.localized(node, shard)))
-
-
-@register(aten.flatten.using_ints, aten.unflatten.int)
-def _flatten(node: Node, ctx: RuleContext) -> Decision:
-    """Flatten takes no sizes; unflatten's sizes are localized like a view's."""
-    if (d := _unsharded(node)) is not None:
-        return d
-    x = node.args[0]
-    shard = _reshaped_shard(x, global_shape(node), placement_of(x), ctx.world_size)
-    if shard is None:
-        return gather_first(node)
-    ctx.local_extent(node, shard)
+    local = ctx.localized(node, shard)  # checks that the sharded dim splits evenly, for flatten too
     if node.target is aten.flatten.using_ints:
         return Decision(output=shard)
-    dim = _norm(node.args[1], len(global_shape(x)))
-    sizes = ctx.localized(node, shard)[dim : dim + len(node.args[2])]
-    return Decision(output=shard, args=(x, node.args[1], sizes))
+    if node.target is aten.unflatten.int:
+        dim = _norm(node.args[1], len(global_shape(x)))
+        return Decision(output=shard, args=(x, node.args[1], local[dim : dim + len(node.args[2])]))
+    return Decision(output=shard, args=(x, local))
 
 
 @register(aten.permute.default)
