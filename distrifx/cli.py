@@ -3,8 +3,10 @@
     distrifx generate --prompt "a red circle" --world-size 2 --out image.png
     torchrun --nproc-per-node 4 -m distrifx generate --model ./my-sd15 --height 1024 --width 1024
     distrifx compile --world-size 2 --format pt2 --out engines/ && distrifx generate --engines engines/
-    distrifx bench --model sd15-half --latent 64     distrifx fidelity --world-sizes 2 4
+    distrifx bench --model sd15-half --latent 64
+    distrifx fidelity --world-sizes 2 4
     distrifx profile --model sd15-half --latent 64 --world-size 2
+    distrifx report --out docs
 
 Without ``--model`` it runs on the embedded default model (small, shipped in the package).
 Without torchrun, ``--world-size N`` spawns N local ranks itself (gloo on CPU, nccl on GPUs).
