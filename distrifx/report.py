@@ -79,9 +79,11 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-128": ("bench", "--model", "sd15-half", "--latent", "128", "--world-sizes", "2", "--modes", "sync",
                           "stale", "naive", "--steps", "6", "--warmup-steps", "3", "--threads", "1"),
         # A rank whose step is bound by per-op dispatch (full SDXL's op graph, narrow), as full SDXL's eager
-        # ranks are on a GPU at 1024 px: what the ops a rank adds cost where each op's fixed cost dominates.
+        # ranks are on a GPU at 1024 px: what the ops a rank adds cost where each op's fixed cost dominates,
+        # eager and compiled (model and rank alike) in the same rounds.
         "sdxl-narrow-16": ("bench", "--model", "sdxl-narrow", "--latent", "16", "--batch", "2", "--world-sizes",
-                           "--modes", "stale", "--steps", "40", "--rounds", "6", "--threads", "1", "--project", "2"),
+                           "--modes", "stale", "--steps", "40", "--rounds", "4", "--threads", "1", "--project", "2",
+                           "--backend", "eager", "inductor"),
         # Where the one-rank-alone bound of the target's configuration loses against 2x, op by op.
         "profile-sd15-half-64": ("profile", "--model", "sd15-half", "--latent", "64", "--world-size", "2", "--steps",
                                  "4"),
@@ -392,12 +394,15 @@ def _by_backend(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]
 
 
 def _backend_findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
-    """Each compiled backend against the eager model of the same run: what compiling alone buys, and
-    its 2-rank stale ranks over the eager model (its own table compares them with the compiled model)."""
+    """Each compiled backend against the eager model of the same run: what compiling alone buys, its
+    2-rank stale ranks over the eager model (its own table compares them with the compiled model),
+    and its stale rank timed alone against the eager one."""
     eager = _find(groups.get("eager", []), "eager", 1)
+    eager_alone = _find(groups.get("eager", []), "stale", 2, projected=True)
     out = []
     for backend, results in groups.items():
         model, stale = _find(results, "eager", 1), _find(results, "stale", 2)
+        alone = _find(results, "stale", 2, projected=True)
         if backend == "eager" or not (eager and model):
             continue
         line = (f"{backend} against eager in the same rounds: the compiled model takes {model['step_s']:.3f} s per "
@@ -406,6 +411,9 @@ def _backend_findings(groups: dict[str, list[dict[str, Any]]]) -> list[str]:
         if stale:
             line += (f"; {backend}'s 2-rank stale step of {stale['step_s']:.3f} s is "
                      f"{eager['step_s'] / stale['step_s']:.2f}x the eager model's speed")
+        if alone and eager_alone:
+            line += (f"; one stale rank timed alone takes {alone['step_s']:.3f} s compiled against "
+                     f"{eager_alone['step_s']:.3f} s eager ({eager_alone['step_s'] / alone['step_s']:.2f}x)")
         out.append(line + ".")
     return out
 

@@ -16,10 +16,8 @@ ONE_LEVEL_SD15 = dict(block_out_channels=(32,), down_block_types=("CrossAttnDown
 
 def inductor_vs_eager() -> tuple[float, float, int, int]:
     """This rank's inductor-backend sync output against the model and eager distrifx (max abs
-    differences), the number of segments and the number of graphs dynamo compiled."""
-    from torch._dynamo.utils import counters
-
-    from distrifx.backends import is_segment
+    differences), the number of segments and the number of them compiled."""
+    from distrifx.backends import segments
 
     unet = random_unet("sd15", **ONE_LEVEL_SD15)
     args, kwargs = unet_inputs(unet)
@@ -29,10 +27,9 @@ def inductor_vs_eager() -> tuple[float, float, int, int]:
         eager = distrifx.parallelize(unet, world, mode="sync", cfg_parallel=False)(*args, **kwargs).sample
         compiled = distrifx.parallelize(unet, world, mode="sync", cfg_parallel=False, backend="inductor")
         got = compiled(*args, **kwargs).sample
-    split = compiled.program(*args, **kwargs).graphs["sync"]
-    num_segments = sum(is_segment(n) for n in split.graph.nodes)
-    return (float((got - expected).abs().max()), float((got - eager).abs().max()), num_segments,
-            counters["stats"]["unique_graphs"])
+    compiled_segments = segments(compiled.program(*args, **kwargs).graphs["sync"])
+    return (float((got - expected).abs().max()), float((got - eager).abs().max()), len(compiled_segments),
+            sum(segment.compiled is not None for _, segment in compiled_segments))
 
 
 def small_pipeline():

@@ -7,11 +7,10 @@ import operator
 
 import pytest
 import torch
-from torch._dynamo.eval_frame import OptimizedModule
 
 import distrifx
 from distrifx.backends import apply_backend, is_collective, is_segment, segments, split_segments
-from distrifx.backends.torch_compile import CPU_INDUCTOR_OPTIONS, compile_module
+from distrifx.backends.torch_compile import InductorSegment, compile_module
 from distrifx.capture import capture
 from distrifx.config import Backend, ParallelConfig
 from distrifx.models import random_unet, unet_inputs
@@ -94,8 +93,7 @@ def test_inductor_compiles_only_the_segments_and_keeps_the_collective_order(stal
     assert collective_order(compiled) == collective_order(gm)
     compiled_segments = [compiled.get_submodule(str(n.target)) for n in compiled.graph.nodes if is_segment(n)]
     assert len(compiled_segments) == _compute_runs(gm)
-    assert all(isinstance(s.compiled, OptimizedModule) for s in compiled_segments)
-    assert all(s.options == CPU_INDUCTOR_OPTIONS for s in compiled_segments)
+    assert all(isinstance(s, InductorSegment) and s.compiled is None for s in compiled_segments)
     assert apply_backend(gm, Backend.EAGER) is gm
 
 
@@ -107,11 +105,34 @@ def test_only_the_steady_phase_freezes_its_weights():
     program = build_program(capture(unet, args, kwargs), config, 0, "UNet")  # lazy: nothing compiles
 
     def frozen(phase: str) -> set[bool]:
-        split = program.graphs[phase]
-        return {split.get_submodule(str(n.target)).__class__.__name__ == "_FrozenOnCPU"
-                for n in split.graph.nodes if is_segment(n)}
+        return {segment.freeze for _, segment in segments(program.graphs[phase])}
 
     assert frozen("warmup") == {False} and frozen("stale") == {True}
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_a_segment_runs_inductor_code_without_dynamo_and_freezes_only_when_asked(freeze):
+    """Compiled on its first call, then called directly: dynamo traces nothing, so no frame or guards per call."""
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    graph = torch.fx.Graph()  # a segment as split_segments makes them: ATen ops, weights read by get_attr
+    x = graph.placeholder("x")
+    conv = graph.call_function(torch.ops.aten.conv2d.default, (x, graph.get_attr("weight"), None, [1, 1], [1, 1]))
+    graph.output((graph.call_function(torch.ops.aten.relu.default, (conv,)),))
+    segment = torch.fx.GraphModule({"weight": torch.nn.Parameter(torch.randn(8, 4, 3, 3))}, graph)
+    compiled = InductorSegment(segment, freeze)
+    x = torch.randn(1, 4, 8, 8)
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        expected = segment(x)[0]
+        first = compiled(x)[0]
+        assert (first - expected).abs().max() < 1e-5
+        assert compiled(x)[0].equal(first)
+        segment.weight.mul_(2)
+        # frozen: folded in on the first call, later weight changes do not reach it; not frozen: they do
+        assert compiled(x)[0].equal(first) is freeze
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 @pytest.mark.parametrize("freeze", [True, False])
@@ -132,9 +153,9 @@ def test_inductor_freezes_the_weights_it_compiles(kind, freeze):
 
 def test_inductor_backend_equals_eager_in_sync_mode_on_gloo_ranks():
     ranks = distrifx.launch(export_workers.inductor_vs_eager, 2, threads_per_rank=1, timeout_s=600, all_ranks=True)
-    for to_model, to_eager, num_segments, compiled_graphs in ranks:
+    for to_model, to_eager, num_segments, compiled_segments in ranks:
         assert to_model < 1e-5 and to_eager < 1e-5
-        assert compiled_graphs == num_segments > 10  # every segment compiled as one graph (fullgraph)
+        assert compiled_segments == num_segments > 10  # every segment compiled, each as one graph
 
 
 @pytest.mark.parametrize("missing,message", [

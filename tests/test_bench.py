@@ -268,14 +268,18 @@ def test_each_backend_is_timed_against_its_own_model_and_the_report_sets_compile
     from distrifx.cli import main
     from distrifx.report import _speed_section
 
-    walls = {("eager", "eager"): 4.0, ("stale", "eager"): 2.0, ("eager", "inductor"): 5.0, ("stale", "inductor"): 2.5}
-    monkeypatch.setattr(bench, "measure_case", lambda case: _measured(case, [walls[case.mode, case.backend]] * 6))
-    main(["bench", "--model", "sd15-half", "--latent", "64", "--modes", "stale", "--steps", "6",
+    walls = {("eager", "eager", False): 4.0, ("stale", "eager", False): 2.0, ("stale", "eager", True): 1.6,
+             ("eager", "inductor", False): 5.0, ("stale", "inductor", False): 2.5, ("stale", "inductor", True): 2.0}
+    monkeypatch.setattr(bench, "measure_case", lambda case: _measured(
+        case, [walls[case.mode, case.backend, case.projected]] * 6))
+    main(["bench", "--model", "sd15-half", "--latent", "64", "--modes", "stale", "--steps", "6", "--project", "2",
           "--backend", "eager", "inductor", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [(r["label"], r["speedup"]) for r in results] == [
         ("sd15-half 64x64 b1 N=1 eager", 1.0), ("sd15-half 64x64 b1 N=2 stale", 2.0),
-        ("sd15-half 64x64 b1 N=1 eager [inductor]", 1.0), ("sd15-half 64x64 b1 N=2 stale [inductor]", 2.0)]
+        ("sd15-half 64x64 b1 N=2 stale (one rank timed alone)", 2.5),
+        ("sd15-half 64x64 b1 N=1 eager [inductor]", 1.0), ("sd15-half 64x64 b1 N=2 stale [inductor]", 2.0),
+        ("sd15-half 64x64 b1 N=2 stale [inductor] (one rank timed alone)", 2.5)]
     section = _speed_section("both", {"results": results, "command": "distrifx bench", "cpu_count": 2}, None)
     assert ("Rows marked [inductor] are compiled: their baseline is "
             "`torch.compile(unet, backend='inductor')` with inductor config `{'freezing': True}` on the CPU") in section
@@ -283,7 +287,7 @@ def test_each_backend_is_timed_against_its_own_model_and_the_report_sets_compile
     assert "- inductor: N=2 stale [inductor]: 2.00x over one rank" in section
     assert ("- inductor against eager in the same rounds: the compiled model takes 5.000 s per step, the eager model "
             "4.000 s (0.80x from compiling alone); inductor's 2-rank stale step of 2.500 s is 1.60x the eager "
-            "model's speed.") in section
+            "model's speed; one stale rank timed alone takes 2.000 s compiled against 1.600 s eager (0.80x).") in section
 
 
 def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
@@ -300,6 +304,7 @@ def test_a_compiled_bench_compiles_the_baseline_and_the_ranks_alike_and_skips_co
     from torch._dynamo.eval_frame import OptimizedModule
 
     from distrifx.backends import is_segment
+    from distrifx.backends.torch_compile import CPU_INDUCTOR_OPTIONS, InductorSegment
     from distrifx.bench import baseline_key, build_case
 
     case = BenchCase(model="sd15", height=16, width=16, steps=3, warmup_steps=1, projected=True, backend="inductor")
@@ -308,8 +313,8 @@ def test_a_compiled_bench_compiles_the_baseline_and_the_ranks_alike_and_skips_co
     segments = [graph.get_submodule(str(n.target)) for n in graph.graph.nodes if is_segment(n)]
     baseline = replace(case, mode="eager", world_size=1, projected=False)
     model = build_case(baseline)[0]
-    assert isinstance(model.compiled, OptimizedModule) and model.options == {"freezing": True}
-    assert segments and all(type(s) is type(model) and s.options == model.options for s in segments)
+    assert isinstance(model.compiled, OptimizedModule) and model.options == CPU_INDUCTOR_OPTIONS
+    assert segments and all(isinstance(s, InductorSegment) and s.freeze for s in segments)  # frozen alike
     key = asdict(baseline)
     assert baseline_key(key) != baseline_key({**key, "backend": "eager"})  # compared with the compiled model
     assert case.label == "sd15 16x16 b1 N=2 stale [inductor] (one rank timed alone)"
