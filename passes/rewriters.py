@@ -21,7 +21,7 @@ from distrifx.config import GNVariant, KVExchange
 from distrifx.passes import kernels
 from distrifx.passes.builder import Builder, Form, form_for, gather_bytes
 from distrifx.passes.kv_source import FLOPS_PER_BYTE, KVSource, find_kv_source, prefer_hidden
-from distrifx.passes.rules.registry import global_shape, placement_of
+from distrifx.passes.rules.registry import add_unique, global_shape, placement_of
 from distrifx.passes.spec import GatherKV, GlobalGroupNorm, HaloConv, Rewrite
 from distrifx.runtime import ops
 
@@ -34,9 +34,7 @@ REWRITERS: dict[type[Rewrite], RewriterFn] = {}
 
 def rewriter(kind: type[Rewrite]) -> Callable[[RewriterFn], RewriterFn]:
     def deco(fn: RewriterFn) -> RewriterFn:
-        if kind in REWRITERS:
-            raise ValueError(f"a rewriter for {kind.__name__} is already registered")
-        REWRITERS[kind] = fn
+        add_unique(REWRITERS, kind, fn, "a rewriter")
         return fn
 
     return deco

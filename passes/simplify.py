@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.operator_schemas import normalize_function
 
 from distrifx.passes.manager import PassContext, PassResult
+from distrifx.passes.rules.registry import add_unique
 
 __all__ = ["simplify", "IDENTITIES", "CHECKS", "identity"]
 
@@ -37,9 +38,7 @@ def identity(*ops: OpOverload) -> Callable[[IdentityFn], IdentityFn]:
 
     def deco(fn: IdentityFn) -> IdentityFn:
         for op in ops:
-            if op in IDENTITIES:
-                raise ValueError(f"an identity rule for {op} is already registered")
-            IDENTITIES[op] = fn
+            add_unique(IDENTITIES, op, fn, "an identity rule")
         return fn
 
     return deco

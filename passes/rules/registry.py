@@ -27,6 +27,7 @@ __all__ = [
     "RuleContext",
     "RuleFn",
     "register",
+    "add_unique",
     "lookup",
     "registered_ops",
     "tensor_args",
@@ -65,6 +66,18 @@ RuleFn = Callable[[Node, RuleContext], Decision]
 _RULES: dict[OpOverload, RuleFn] = {}
 
 
+def add_unique(table: dict[Any, Callable[..., Any]], key: Any, fn: Callable[..., Any], what: str) -> None:
+    """``table[key] = fn``, or a ValueError if ``key`` already has one: a second entry must never silently win.
+
+    The one check behind the op rule, rewriter and identity registries.
+    """
+    if key in table:
+        old, name = table[key], key.__name__ if isinstance(key, type) else key
+        raise ValueError(f"{what} for {name} is already registered ({old.__module__}.{old.__qualname__}); "
+                         f"refusing to replace it with {fn.__module__}.{fn.__qualname__}")
+    table[key] = fn
+
+
 def register(*ops: OpOverload | OpOverloadPacket) -> Callable[[RuleFn], RuleFn]:
     """Register ``fn`` as the rule of each op overload (a packet registers all its overloads).
 
@@ -79,13 +92,7 @@ def register(*ops: OpOverload | OpOverloadPacket) -> Callable[[RuleFn], RuleFn]:
                 else [op]
             )
             for overload in overloads:
-                if overload in _RULES:
-                    raise ValueError(
-                        f"a sharding rule for {overload} is already registered "
-                        f"({_RULES[overload].__module__}.{_RULES[overload].__qualname__}); "
-                        f"refusing to replace it with {fn.__module__}.{fn.__qualname__}"
-                    )
-                _RULES[overload] = fn
+                add_unique(_RULES, overload, fn, "a sharding rule")
         return fn
 
     return deco
