@@ -55,6 +55,7 @@ class BenchCase:
     stale_dtype: str | None = None  # stale mode's halo rows and K/V travel in this (None: the activations')
     extrapolate: float = 0.0  # stale mode's halo rows and K/V extrapolated from the last two steps
     fresh: tuple[str, ...] = ()  # exchange kinds stale mode still does synchronously
+    cfg_parallel: bool = False  # the batch's two halves on two rank groups, each patch-parallel over N/2
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
     transport: bool = True  # False: all ranks run together, collectives return at once (no bytes move)
@@ -73,6 +74,11 @@ class BenchCase:
             raise ConfigError(f"bench case {self.label!r}: dtype {self.dtype!r} is not one of {sorted(DTYPES)}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"bench case {self.label!r}: backend {self.backend!r} is not one of {BACKENDS}")
+        if self.cfg_parallel and (self.mode in ("eager", "copies") or self.projected or self.world_size % 2
+                                  or self.batch % 2):
+            raise ConfigError(f"bench case {self.label!r}: a CFG split puts the two halves of an even batch on "
+                              "two groups of real ranks: it needs an even --batch and world size, and runs "
+                              "neither alone (--project) nor for the unmodified model")
         if self.mode == "copies" and (self.projected or self.world_size < 2):
             raise ConfigError(f"bench case {self.label!r}: copies run the unmodified model on every one of "
                               "world_size >= 2 real ranks at once; they cannot be timed alone or on one rank")
@@ -84,9 +90,10 @@ class BenchCase:
         narrow = f" {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
         ahead = f" extrapolated {self.extrapolate:g}" if self.mode == "stale" and self.extrapolate else ""
         fresh = f" fresh {'+'.join(self.fresh)}" if self.mode == "stale" and self.fresh else ""
+        cfg = " CFG split" if self.cfg_parallel else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
-                f"{self.mode}{gn}{narrow}{ahead}{fresh}{backend}{kind}")
+                f"{self.mode}{gn}{narrow}{ahead}{fresh}{cfg}{backend}{kind}")
 
     @property
     def first_steady_step(self) -> int:
@@ -186,7 +193,7 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
                                   gn_variant=case.gn_variant, stale_dtype=case.stale_dtype,
-                                  extrapolate=case.extrapolate, fresh=case.fresh, cfg_parallel=False,
+                                  extrapolate=case.extrapolate, fresh=case.fresh, cfg_parallel=case.cfg_parallel,
                                   backend=case.backend, process_group=group)
     return pmodel, pmodel, sample, kwargs, timesteps
 

@@ -160,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also run the unmodified model on every rank at once (N independent copies, no "
                             "collectives): N times its step rate over one rank's is the speedup a perfect split of "
                             "the work would reach on this machine, whose ranks share cores, caches and memory")
+    bench.add_argument("--cfg-parallel", action="store_true",
+                       help="also run stale mode with the batch's two halves on two rank groups, each "
+                            "patch-parallel over N/2 (cfg_parallel=True, what a guidance pipeline gets by default "
+                            "with an even world size); needs an even --batch and world size")
     bench.add_argument("--component", choices=["unet", "vae"], default="unet",
                        help="unet: step latency, speedup and communication (default); vae: peak memory of SD's "
                             "VAE decoder per rank at each world size (--latent's first size, world size 1 included)")
@@ -418,6 +422,8 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
             cases += [BenchCase(world_size=n, mode="stale", transport=False, **common) for n in args.world_sizes]
+        if args.cfg_parallel:
+            cases += [BenchCase(world_size=n, mode="stale", cfg_parallel=True, **common) for n in args.world_sizes]
         if args.ceiling:
             cases += [BenchCase(world_size=n, mode="copies", **common) for n in args.world_sizes if n > 1]
     links = tuple(Link(gbps, args.link_latency_us) for gbps in args.link_gbps)

@@ -52,6 +52,12 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
                                 "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
                                 "--threads", "1", "--project", "2", "--no-transport", "--ceiling"),
+        # The same UNet as a guidance pipeline calls it, conditional and unconditional halves in one batch of 2:
+        # the whole batch patch-parallel (each weight a rank reads serves twice the rows), and split over two
+        # rank groups as cfg_parallel="auto" does (at N=2 each rank runs one half's whole latent).
+        "sd15-half-64-guidance": ("bench", "--model", "sd15-half", "--latent", "64", "--batch", "2", "--world-sizes",
+                                  "2", "--modes", "stale", "--steps", "12", "--rounds", "3", "--threads", "1",
+                                  "--project", "2", "--cfg-parallel", "--ceiling"),
         # What a synchronous warm-up step costs against a stale one, same ranks and rounds: the price of
         # the fidelity that section fidelity-warmup measures for more warm-up steps.
         "sd15-half-64-warmup": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
@@ -175,11 +181,13 @@ def _verdict(met: bool) -> str:
 def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool = False,
           transport: bool = True) -> dict[str, Any] | None:
     """The result of ``mode`` at ``world`` ranks, stale mode with its defaults (corrected GroupNorm,
-    exchanges in the activations' dtype, not extrapolated, none kept synchronous)."""
+    exchanges in the activations' dtype, not extrapolated, none kept synchronous, the whole batch
+    patch-parallel)."""
     return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
                  and r["case"]["projected"] == projected and r["case"]["transport"] == transport
                  and r["case"]["gn_variant"] == "corrected" and not r["case"].get("stale_dtype")
-                 and not r["case"].get("extrapolate") and not r["case"].get("fresh")), None)
+                 and not r["case"].get("extrapolate") and not r["case"].get("fresh")
+                 and not r["case"].get("cfg_parallel")), None)
 
 
 def _rounds(results: list[dict[str, Any]]) -> int:
@@ -242,20 +250,17 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
         for r in results:
             c = r["case"]
             if c["mode"] == mode and not c["projected"] and c["transport"] and r["speedup"] is not None:
-                out.append(f"{r['label'].split(' b1 ')[-1]}: {r['speedup']:.2f}x over one rank, "
+                config = r["label"].split(f" b{c['batch']} ")[-1]
+                out.append(f"{config}: {r['speedup']:.2f}x over one rank, "
                            f"{100 * r['exposed_comm_frac']:.1f}% of the step blocked in waits, "
                            f"{r['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step.")
     stale, alone = _find(results, "stale", 2), _find(results, "stale", 2, projected=True)
     together = _find(results, "stale", 2, transport=False)
     if alone and eager:
-        bound = ("a bound that leaves communication out (no ranks ran together in this section)" if not stale else
-                 "the bound on this machine without transport and without two ranks sharing the cores"
-                 if alone["step_s"] <= stale["step_s"] else
-                 f"slower than the two ranks together ({stale['step_s']:.3f} s), so in this run the noise exceeds "
-                 "what the transport and sharing the cores cost")
         out.append(
             f"One stale rank timed alone (collectives return at once) computes its step in {alone['step_s']:.3f} s, "
-            f"a {eager['step_s'] / alone['step_s']:.2f}x speedup over the unmodified model: {bound}.")
+            f"a {eager['step_s'] / alone['step_s']:.2f}x speedup over the unmodified model: "
+            f"{_alone_bound(alone, stale)}.")
     if stale and alone and together:
         sharing = ("the two processes share two cores and their caches and memory bandwidth"
                    if together["step_s"] > alone["step_s"] else "no cost of sharing the cores beyond the noise")
@@ -270,6 +275,7 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                f"{together['background_cpu_s']:.3f} s without transport."
                if "background_cpu_s" in stale and "background_cpu_s" in together else ""))
     out += _stale_option_findings(results, stale)
+    out += _cfg_findings(results)
     out += _ceiling_findings(results)
     out += _warmup_findings(results)
     if eager:
@@ -292,6 +298,16 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     return out + _published_comparison(results)
 
 
+def _alone_bound(alone: dict[str, Any], stale: dict[str, Any] | None) -> str:
+    """What one stale rank timed alone bounds, given the two ranks run together (if they were)."""
+    if not stale:
+        return "a bound that leaves communication out (no ranks ran together in this section)"
+    if alone["step_s"] <= stale["step_s"]:
+        return "the bound on this machine without transport and without two ranks sharing the cores"
+    return (f"slower than the two ranks together ({stale['step_s']:.3f} s), so in this run the noise exceeds "
+            "what the transport and sharing the cores cost")
+
+
 def _warmup_findings(results: list[dict[str, Any]]) -> list[str]:
     """What synchronous warm-up steps cost a generation: the 2-rank stale run's warm-up and stale step
     medians (same ranks and rounds) combined over each generation the fidelity sections measure, per
@@ -308,6 +324,22 @@ def _warmup_findings(results: list[dict[str, Any]]) -> list[str]:
                           for w, t in generation.items())
         out.append(f"A {steps}-step generation with W warm-up steps, computed from these medians (not timed as a "
                    f"whole): W = {costs}; the unmodified model's takes {steps * eager['step_s']:.1f} s.")
+    return out
+
+
+def _cfg_findings(results: list[dict[str, Any]]) -> list[str]:
+    """Each CFG-split run against the whole batch patch-parallel over the same ranks."""
+    out = []
+    for split in (r for r in results if r["case"].get("cfg_parallel") and r["speedup"]):
+        n = split["case"]["world_size"]
+        whole = _find(results, "stale", n)
+        line = (f"N={n} CFG split (each half of the batch of {split['case']['batch']} on {n // 2} rank(s), "
+                f"patch-parallel over them): {split['speedup']:.2f}x, "
+                f"{split['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step")
+        if whole:
+            line += (f", against {whole['speedup']:.2f}x and {whole['bytes_sent_per_step'] / 2**20:.1f} MiB with "
+                     f"the whole batch patch-parallel over all {n}")
+        out.append(line + ".")
     return out
 
 
@@ -369,9 +401,10 @@ def _published_comparison(results: list[dict[str, Any]]) -> list[str]:
 
 
 def _target_config(results: list[dict[str, Any]]) -> bool:
-    """Whether these results measure the speedup target's configuration: half-width SD 1.5, 64x64 latent."""
+    """Whether these results measure the speedup target's configuration: half-width SD 1.5, 64x64 latent,
+    batch 1."""
     case = results[0]["case"]
-    return (case["model"], case["height"]) == ("sd15-half", 64)
+    return (case["model"], case["height"], case["batch"]) == ("sd15-half", 64, 1)
 
 
 def _target_section(records: dict[str, dict[str, Any]], speed: list[str]) -> str | None:
@@ -624,6 +657,12 @@ def _gpu_section(records: dict[str, dict[str, Any]], suite: str) -> str:
     return text
 
 
+def _stamped(section: str, record: dict[str, Any]) -> str:
+    """``section`` with the date and machine its command ran on under its heading: the page mixes machines."""
+    heading, body = section.split("\n", 1)
+    return f"{heading}\n\nMeasured {record['date']} on {record['machine']}.\n{body}"
+
+
 def render(out: Path, suite: str = "docs") -> str:
     """The page, from the suite's ``results.json`` files under ``out/bench``."""
     records = {key: read_results(out / "bench" / key) for key in SUITES[suite]
@@ -647,15 +686,15 @@ def render(out: Path, suite: str = "docs") -> str:
     target = _target_section(records, speed)
     profiles = [k for k in records if suite_argv[k][0] == "profile"]
     target_profile = next((k for k in profiles if _target_config([records[k]["results"]])), None)
-    sections += [_speed_section(key, records[key], target, target_profile) for key in speed]
+    sections += [_stamped(_speed_section(key, records[key], target, target_profile), records[key]) for key in speed]
     if speed:
         sections.append(_bytes_section(records[speed[0]]))
-    sections += [_profile_section(key, records[key]) for key in profiles]
+    sections += [_stamped(_profile_section(key, records[key]), records[key]) for key in profiles]
     for key, record in records.items():
         if suite_argv[key][0] == "fidelity":
-            sections.append(_fidelity_section(key, record))
+            sections.append(_stamped(_fidelity_section(key, record), record))
         elif "--component" in suite_argv[key]:
-            sections.append(_vae_section(record))
+            sections.append(_stamped(_vae_section(record), record))
     sections.append(_gpu_section(records, suite))
     sections.append("## Compile and export\n\nEager vs inductor vs pt2 vs aoti vs onnx step and compile times: "
                     "[compile.md](compile.md).")

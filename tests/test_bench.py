@@ -162,15 +162,15 @@ def test_the_published_page_is_what_its_results_render(monkeypatch):
 def test_the_speed_target_is_judged_by_the_section_with_the_most_rounds():
     from distrifx.report import _target_section
 
-    def record(model, height, rounds=None):
-        result = {"case": {"model": model, "height": height}, **({"rounds": rounds} if rounds else {})}
+    def record(model, height, rounds=None, batch=1):
+        result = {"case": {"model": model, "height": height, "batch": batch}, **({"rounds": rounds} if rounds else {})}
         return {"results": [result]}
 
     records = {"old": record("sd15-half", 64), "repeated": record("sd15-half", 64, 3),
-               "other": record("sd15-half", 128, 5)}
+               "other": record("sd15-half", 128, 5), "guidance": record("sd15-half", 64, 6, batch=2)}
     assert _target_section(records, list(records)) == "repeated"
     assert _target_section(records, ["old", "other"]) == "old"  # written before rounds: one round
-    assert _target_section(records, ["other"]) is None
+    assert _target_section(records, ["other", "guidance"]) is None  # the target is batch 1
 
 
 def test_report_refuses_an_unknown_section(tmp_path):
@@ -288,6 +288,40 @@ def test_each_backend_is_timed_against_its_own_model_and_the_report_sets_compile
     assert ("- inductor against eager in the same rounds: the compiled model takes 5.000 s per step, the eager model "
             "4.000 s (0.80x from compiling alone); inductor's 2-rank stale step of 2.500 s is 1.60x the eager "
             "model's speed; one stale rank timed alone takes 2.000 s compiled against 1.600 s eager (0.80x).") in section
+
+
+def test_a_guidance_batch_is_timed_patch_parallel_and_cfg_split_and_does_not_judge_the_target(tmp_path, monkeypatch):
+    """`--batch 2 --cfg-parallel`: the whole batch patch-parallel and its halves on two rank groups, each against
+    the same batch-2 model; the report sets the split against the patch-parallel run and leaves the (batch 1)
+    speedup target alone."""
+    from distrifx import bench
+    from distrifx.cli import main
+    from distrifx.report import _speed_section
+
+    seen = []
+
+    def measure(case):
+        seen.append(case)
+        return _measured(case, [{"eager": 4.0, "stale": 2.5 if case.cfg_parallel else 2.0}[case.mode]] * 6)
+
+    monkeypatch.setattr(bench, "measure_case", measure)
+    main(["bench", "--model", "sd15-half", "--latent", "64", "--batch", "2", "--modes", "stale", "--steps", "6",
+          "--cfg-parallel", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [(r["label"], r["speedup"]) for r in results] == [
+        ("sd15-half 64x64 b2 N=1 eager", 1.0), ("sd15-half 64x64 b2 N=2 stale", 2.0),
+        ("sd15-half 64x64 b2 N=2 stale CFG split", 1.6)]
+    assert [c.cfg_parallel for c in seen] == [False, False, True]
+    section = _speed_section("guidance", {"results": results, "command": "distrifx bench", "cpu_count": 2},
+                             target=None)
+    assert "- N=2 stale: 2.00x over one rank" in section
+    assert ("- N=2 CFG split (each half of the batch of 2 on 1 rank(s), patch-parallel over them): 1.60x, "
+            "0.0 MiB sent per rank per step, against 2.00x and 0.0 MiB with the whole batch patch-parallel over "
+            "all 2.") in section
+    assert "Target" not in section and "judged" not in section
+    for bad in (dict(batch=1), dict(batch=2, world_size=3), dict(batch=2, projected=True), dict(batch=2, mode="eager")):
+        with pytest.raises(ConfigError, match="CFG split puts the two halves of an even batch"):
+            BenchCase(**{"world_size": 2, "mode": "stale", **bad}, cfg_parallel=True)
 
 
 def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
@@ -507,7 +541,7 @@ def test_fidelity_sections_name_the_size_and_the_patch_rows():
 def _speed_result(mode, world, step_s, projected=False, transport=True):
     """A summarized bench result of the fields the speed findings read."""
     case = {"mode": mode, "world_size": world, "projected": projected, "transport": transport,
-            "gn_variant": "corrected", "threads": 1, "height": 64}
+            "gn_variant": "corrected", "threads": 1, "height": 64, "batch": 1}
     return {"case": case, "label": f"m 64x64 b1 N={world} {mode}", "step_s": step_s, "compute_s": step_s,
             "step_range_s": [step_s, step_s], "exposed_comm_s": 0.0, "exposed_comm_frac": 0.0,
             "bytes_sent_per_step": 0, "speedup": 5.0 / step_s}
