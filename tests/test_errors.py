@@ -82,14 +82,28 @@ class _Model(nn.Module):
         return self.head(self.conv(x))
 
 
-def test_op_without_rule_names_op_module_and_fix():
-    with pytest.raises(distrifx.UnsupportedOpError) as info:
-        distrifx.explain(_Model(), (torch.randn(1, 3, 8, 8),), world_size=2)
-    text = str(info.value)
-    assert "aten.cumsum.default" in text
-    assert "in module head (_RowCumsum)" in text
-    assert "no sharding rule is registered" in text
-    assert "distrifx.passes.rules.register" in text
+class _WeightFromLatent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return nn.functional.linear(h, h[0, 0])
+
+
+@pytest.mark.parametrize("model,error,expected", [
+    (_Model, distrifx.UnsupportedOpError, ["aten.cumsum.default", "in module head (_RowCumsum)",
+                                           "no sharding rule is registered", "distrifx.passes.rules.register"]),
+    (_WeightFromLatent, distrifx.ShardingError, [
+        "node 'linear' (aten.linear.default) in module <root> (_WeightFromLatent)",
+        "the linear weight is computed from the sharded latent", "from parameters or replicated inputs"]),
+])
+def test_an_op_the_passes_cannot_shard_names_op_module_and_fix(model, error, expected):
+    with pytest.raises(error) as info:
+        distrifx.explain(model(), (torch.randn(1, 3, 8, 8),), world_size=2)
+    for fragment in expected:
+        assert fragment in str(info.value)
 
 
 class _DataDependent(nn.Module):

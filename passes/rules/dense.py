@@ -6,7 +6,8 @@ import torch
 from torch.fx import Node
 
 from distrifx.errors import ShardingError, where
-from distrifx.passes.rules.registry import RuleContext, global_shape, placement_of, register, sharded_inputs
+from distrifx.passes.rules.registry import (RuleContext, global_shape, placement_of, register, sharded_inputs,
+                                            weighted_input)
 from distrifx.passes.rules.views import gather_first
 from distrifx.passes.spec import Decision, GatherKV, Placement, Replicate, Shard
 
@@ -17,10 +18,7 @@ aten = torch.ops.aten
 
 @register(aten.linear.default)
 def _linear(node: Node, ctx: RuleContext) -> Decision:
-    x, weight = node.args[0], node.args[1]
-    placement = placement_of(x)
-    if isinstance(placement_of(weight), Shard):
-        raise ShardingError(f"{where(node)}: the linear weight is sharded; only activations may be.")
+    x, placement = node.args[0], weighted_input(node, "linear")
     if isinstance(placement, Replicate):
         return Decision(output=Replicate())
     if placement.dim == len(global_shape(x)) - 1:

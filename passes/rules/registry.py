@@ -33,6 +33,7 @@ __all__ = [
     "tensor_args",
     "global_shape",
     "placement_of",
+    "weighted_input",
 ]
 
 
@@ -116,6 +117,16 @@ def placement_of(arg: Any) -> PlacementTree:
         return arg.meta[META_PLACEMENT]
     except KeyError:
         raise KeyError(f"node {arg.name!r} has no placement: run the 'annotate' pass first") from None
+
+
+def weighted_input(node: Node, what: str) -> PlacementTree:
+    """The placement of the activation (first argument) of a ``what`` op (linear, conv) whose second
+    argument is its weight, which must not be sharded."""
+    if isinstance(placement_of(node.args[1]), Shard):
+        raise ShardingError(f"{where(node)}: the {what} weight is computed from the sharded latent, but only "
+                            "activations may be sharded (each rank would hold a different weight). Compute it "
+                            "from parameters or replicated inputs (timestep, text embeddings).")
+    return placement_of(node.args[0])
 
 
 def tensor_args(node: Node) -> Iterator[Node]:

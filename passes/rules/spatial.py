@@ -6,7 +6,8 @@ import torch
 from torch.fx import Node
 
 from distrifx.errors import ShapeError, ShardingError, where
-from distrifx.passes.rules.registry import RuleContext, global_shape, placement_of, register, sharded_inputs
+from distrifx.passes.rules.registry import (RuleContext, global_shape, placement_of, register, sharded_inputs,
+                                            weighted_input)
 from distrifx.passes.spec import Decision, GlobalGroupNorm, HaloConv, Replicate, Shard
 
 __all__ = ["conv_halo"]
@@ -35,10 +36,7 @@ def conv_halo(kernel: int, stride: int, padding: int, dilation: int) -> tuple[in
 
 @register(aten.conv2d.default)
 def _conv2d(node: Node, ctx: RuleContext) -> Decision:
-    x, weight = node.args[0], node.args[1]
-    placement = placement_of(x)
-    if isinstance(placement_of(weight), Shard):
-        raise ShardingError(f"{where(node)}: the conv weight is sharded; only activations may be.")
+    x, placement = node.args[0], weighted_input(node, "conv")
     stride, padding, dilation = (_pair(node.args[i]) if len(node.args) > i else (d, d)
                                  for i, d in ((3, 1), (4, 0), (5, 1)))
     in_h, out_h = global_shape(x)[2], global_shape(node)[2]
@@ -56,7 +54,7 @@ def _conv2d(node: Node, ctx: RuleContext) -> Decision:
             f"{where(node)}: conv maps height {in_h} to {out_h} with stride {stride[0]}; row "
             f"patches need input height = stride x output height ({stride[0] * out_h})."
         )
-    before, after = conv_halo(global_shape(weight)[2], stride[0], padding[0], dilation[0])
+    before, after = conv_halo(global_shape(node.args[1])[2], stride[0], padding[0], dilation[0])
     rewrite = HaloConv(
         dim=2,
         before=before,
