@@ -26,7 +26,7 @@ import torch
 
 from distrifx.bench import BACKENDS, DTYPES
 from distrifx.config import FRESH_KINDS, STALE_DTYPES, GNVariant, Mode, fresh_kinds
-from distrifx.errors import ConfigError
+from distrifx.errors import ConfigError, DistrifxError
 from distrifx.models import UNET_CONFIGS
 
 if TYPE_CHECKING:
@@ -517,6 +517,13 @@ def _run_profile(args: argparse.Namespace, argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args, argv)
+    except DistrifxError as error:  # its message names what, where, why and the fix: no traceback
+        raise SystemExit(f"distrifx {args.command}: {error}") from error
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.command == "generate":
         return _run_generate(args)
     if args.command == "bench":

@@ -322,6 +322,9 @@ def test_a_guidance_batch_is_timed_patch_parallel_and_cfg_split_and_does_not_jud
     for bad in (dict(batch=1), dict(batch=2, world_size=3), dict(batch=2, projected=True), dict(batch=2, mode="eager")):
         with pytest.raises(ConfigError, match="CFG split puts the two halves of an even batch"):
             BenchCase(**{"world_size": 2, "mode": "stale", **bad}, cfg_parallel=True)
+    # on the command line: the message, without a traceback
+    with pytest.raises(SystemExit, match=r"^distrifx bench: bench case 'sd15-half 64x64 b1 N=2 stale CFG split': a CFG"):
+        main(["bench", "--modes", "stale", "--cfg-parallel", "--out", str(tmp_path)])
 
 
 def test_gpu_cases_run_in_one_process_and_dtypes_are_checked():
