@@ -149,3 +149,33 @@ def test_packaged_default_model_draws_the_prompted_colour():
         distance = (image - image.flatten(1).median(1).values.view(3, 1, 1)).norm(dim=0)
         shape = image[:, distance > distance.max() / 2].mean(1)
         assert names[(PALETTE - shape).norm(dim=1).argmin()] == name
+
+
+def _train(out: Path) -> None:
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
+    subprocess.run([sys.executable, str(script), "--minutes", "2", "--steps", "3", "--batch-size", "4", "--warmup", "1",
+                    "--seed", "0", "--out", str(out)], check=True, capture_output=True, timeout=120)
+
+
+@pytest.mark.timeout(300)
+def test_the_training_script_writes_a_model_that_loads_and_reproduces_with_its_seed(tmp_path: Path):
+    """`scripts/train_default_model.py` (three steps): the shipped architecture, loadable by the pipeline, and
+    the same weights from the same seed and step count."""
+    from safetensors.torch import load_file
+
+    _train(tmp_path / "a")
+    _train(tmp_path / "b")
+    pipe = DefaultPipeline.from_pretrained(tmp_path / "a")
+    architecture = lambda unet: {k: v for k, v in unet.config.items() if k != "_name_or_path"}  # noqa: E731
+    assert architecture(pipe.unet) == architecture(load_default_pipeline().unet)
+    images = pipe("red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="pt",
+                  disable_progress=True).images
+    assert images.shape == (1, 3, 32, 32) and torch.isfinite(images).all()
+    weights = [load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors") for run in ("a", "b")]
+    shipped = load_file(DEFAULT_MODEL_DIR / "unet" / "diffusion_pytorch_model.safetensors")
+    assert weights[0].keys() == weights[1].keys() == shipped.keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], shipped[k]) for k in shipped)  # trained here, from scratch
