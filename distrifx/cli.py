@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "by the same torch.compile backend, and each phase's first (compiling) call is not timed")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory")
 
-    comp = sub.add_parser("compile", help="export every rank's program offline (pt2, onnx or tensorrt)",
+    comp = sub.add_parser("compile", help="export every rank's program offline (pt2, aoti, onnx or tensorrt)",
                           description="Capture a pipeline's denoiser as the pipeline calls it at one resolution "
                                       "(or its VAE decoder), build every rank's program and write them with a "
                                       "manifest; run with distrifx generate --engines, or load with distrifx.load.")
