@@ -333,8 +333,10 @@ def _cfg_findings(results: list[dict[str, Any]]) -> list[str]:
     for split in (r for r in results if r["case"].get("cfg_parallel") and r["speedup"]):
         n = split["case"]["world_size"]
         whole = _find(results, "stale", n)
+        alone = ("; one rank per half: nothing is stale, the output is the unmodified model's up to rounding"
+                 if n == 2 else "")
         line = (f"N={n} CFG split (each half of the batch of {split['case']['batch']} on {n // 2} rank(s), "
-                f"patch-parallel over them): {split['speedup']:.2f}x, "
+                f"patch-parallel over them{alone}): {split['speedup']:.2f}x, "
                 f"{split['bytes_sent_per_step'] / 2**20:.1f} MiB sent per rank per step")
         if whole:
             line += (f", against {whole['speedup']:.2f}x and {whole['bytes_sent_per_step'] / 2**20:.1f} MiB with "

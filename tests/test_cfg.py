@@ -62,3 +62,23 @@ def test_stale_mode_with_cfg_split_matches_on_every_rank():
     for outs in results[1:]:
         for a, b in zip(outs, results[0]):
             assert torch.equal(a, b)
+
+
+def test_at_two_ranks_a_split_guidance_batch_has_nothing_stale():
+    """World 2, batch 2: each half runs on a patch group of one rank, so stale mode's steps after warm-up
+    exchange nothing, keep no stale state and equal the unmodified model."""
+    unet = random_unet("sd15")
+    (sample, _), kwargs = unet_inputs(unet, 2, 16, 16)
+    steps = [(sample * (1 - 0.1 * i), torch.tensor(t)) for i, t in enumerate((900, 800, 700, 600))]
+    with torch.no_grad():
+        expected = [unet(x, t, **kwargs).sample for x, t in steps]
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, process_group=group)
+        outs = [pmodel(x, t, **kwargs).sample for x, t in steps]
+        return outs, pmodel.last_phase, pmodel.generation.state_bytes
+
+    for outs, phase, state_bytes in distrifx.simulate(rank, 2):
+        assert phase == "stale" and state_bytes == 0
+        for out, want in zip(outs, expected):
+            assert float((out - want).abs().max()) < 1e-5

@@ -34,7 +34,8 @@ def test_the_comparison_example_puts_stale_patches_closer_to_one_device_than_nai
     out = tmp_path / "compare.png"
     stdout = _run([sys.executable, str(EXAMPLES / "compare_modes.py"), "--size", "32", "--steps", "6", "--seeds", "0",
                    "--out", str(out)], tmp_path)
-    psnr = {(int(n), mode): float(db) for n, mode, db in re.findall(r"\| N=(\d) (stale|naive)[^|]*\| ([\d.]+) ", stdout)}
+    rows = re.findall(r"\| N=(\d) (stale|naive)[^|]*\| ([\d.]+) ", stdout)
+    psnr = {(int(n), mode): float(db) for n, mode, db in rows}
     assert set(psnr) == {(2, "stale"), (2, "naive"), (4, "stale"), (4, "naive")}
     assert psnr[2, "stale"] > psnr[2, "naive"] and psnr[4, "stale"] > psnr[4, "naive"]
     assert Image.open(out).size[0] > Image.open(out).size[1]  # the images side by side
