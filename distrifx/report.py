@@ -185,9 +185,8 @@ def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool 
     patch-parallel)."""
     return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
                  and r["case"]["projected"] == projected and r["case"]["transport"] == transport
-                 and r["case"]["gn_variant"] == "corrected" and not r["case"].get("stale_dtype")
-                 and not r["case"].get("extrapolate") and not r["case"].get("fresh")
-                 and not r["case"].get("cfg_parallel")), None)
+                 and r["case"]["gn_variant"] == "corrected"
+                 and not any(r["case"].get(option) for option in (*_STALE_OPTIONS, "cfg_parallel"))), None)
 
 
 def _rounds(results: list[dict[str, Any]]) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -152,9 +154,6 @@ def test_packaged_default_model_draws_the_prompted_colour():
 
 
 def _train(out: Path) -> None:
-    import subprocess
-    import sys
-
     script = Path(__file__).resolve().parents[1] / "scripts" / "train_default_model.py"
     subprocess.run([sys.executable, str(script), "--minutes", "2", "--steps", "3", "--batch-size", "4", "--warmup", "1",
                     "--seed", "0", "--out", str(out)], check=True, capture_output=True, timeout=120)

@@ -53,11 +53,16 @@ class _FrozenOnCPU(torch.nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         import torch._inductor.config as inductor_config
 
-        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        if first is not None and first.device.type != "cpu":
+        if not _on_cpu((*args, *kwargs.values())):
             return self.compiled(*args, **kwargs)
         with _PATCH_LOCK, inductor_config.patch(self.options):
             return self.compiled(*args, **kwargs)
+
+
+def _on_cpu(values: tuple[Any, ...]) -> bool:
+    """Whether a call's tensors are on the CPU (judged by the first; a call without tensors counts as CPU)."""
+    first = next((v for v in values if isinstance(v, torch.Tensor)), None)
+    return first is None or first.device.type == "cpu"
 
 
 def cpu_options(backend: str, freeze: bool = True) -> dict[str, Any]:
@@ -95,8 +100,7 @@ class InductorSegment(torch.nn.Module):
         if self.compiled is None:
             from torch._inductor import compile as inductor_compile
 
-            on_cpu = all(a.device.type == "cpu" for a in args)
-            options = cpu_options("inductor", self.freeze and on_cpu)
+            options = cpu_options("inductor", self.freeze and _on_cpu(args))
             with _PATCH_LOCK:  # inductor applies the options as a patch of its process-wide config
                 self.compiled = inductor_compile(self.segment, list(args), options=dict(options))
         return self.compiled(*args)
