@@ -46,6 +46,7 @@ def parallelize(
     *,
     mode: Mode | Literal["sync", "stale", "naive"] = "stale",
     warmup_steps: int = 4,
+    warmup_fraction: float = 0.0,
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
@@ -63,6 +64,9 @@ def parallelize(
     ``kv_exchange`` picks what self-attention exchanges when K and V are projections of one
     token tensor: "kv", "hidden" (gather the tensor, project locally), or "auto" (a cost model
     of bytes saved against projection FLOPs for the device).
+    Stale mode runs its first ``warmup_steps`` calls synchronously; with ``warmup_fraction`` f
+    (0 to 1) also every call whose timestep is above (1 - f) x the generation's first: the first
+    f of its noise range, the same share of a 20- or a 50-step generation.
     ``stale_dtype`` (stale mode) sends the stale halo rows and keys/values in a narrower float
     and keeps them in it between steps: half the bytes and stale-buffer memory of float32 for
     ``torch.bfloat16``, at the cost of rounding what is already an approximation. Warm-up
@@ -84,6 +88,7 @@ def parallelize(
         world_size=world_size,
         mode=mode,
         warmup_steps=warmup_steps,
+        warmup_fraction=warmup_fraction,
         gn_variant=gn_variant,
         kv_exchange=kv_exchange,
         cfg_parallel=cfg_parallel,

@@ -39,8 +39,8 @@ GN_VARIANTS = [v.value for v in GNVariant]
 
 _CFG_PARALLEL = {"auto": "auto", "on": True, "off": False}
 # generate's parallel options; with --engines they come from the export instead.
-_PARALLEL_DEFAULTS = {"world_size": 2, "mode": "stale", "warmup_steps": 4, "gn_variant": "corrected",
-                      "cfg_parallel": "auto", "extrapolate": 0.0, "fresh": []}
+_PARALLEL_DEFAULTS = {"world_size": 2, "mode": "stale", "warmup_steps": 4, "warmup_fraction": 0.0,
+                      "gn_variant": "corrected", "cfg_parallel": "auto", "extrapolate": 0.0, "fresh": []}
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -60,6 +60,10 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
 
 def _add_stale_options(p: argparse.ArgumentParser, unset: bool = False) -> None:
     """Stale mode's options; ``unset``: their defaults are None, to be filled in later."""
+    p.add_argument("--warmup-fraction", type=float, default=None if unset else 0.0,
+                   help="also run synchronously while the timestep is above (1 - this) x the generation's first: "
+                        "the same share of any number of steps (default 0: off; 0.3 is measured in "
+                        "docs/benchmarks.md)")
     p.add_argument("--stale-dtype", choices=list(STALE_DTYPES), default=None,
                    help="send and keep stale mode's halo rows and keys/values in this dtype (default: the "
                         "activations')")
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      "JSON and a figure.")
     fid.add_argument("--world-sizes", type=int, nargs="+", default=[2, 4])
     fid.add_argument("--warmups", type=int, nargs="+", default=[1, 2, 4], help="stale warm-up steps to sweep")
+    fid.add_argument("--warmup-fractions", type=float, nargs="*", default=[],
+                     help="at the longest warm-up, also warm up over these first shares of the timesteps' range "
+                          "(warmup_fraction; default none)")
     fid.add_argument("--gn-variants", nargs="+", default=GN_VARIANTS, choices=GN_VARIANTS)
     _stale_dtypes(fid)
     _extrapolations(fid)
@@ -326,8 +333,9 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
     elif options["world_size"] > 1:
         pipe = distrifx.parallelize_pipeline(
             pipe, options["world_size"], mode=options["mode"], warmup_steps=options["warmup_steps"],
-            gn_variant=options["gn_variant"], cfg_parallel=_CFG_PARALLEL[options["cfg_parallel"]],
-            stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"], fresh=options["fresh"],
+            warmup_fraction=options["warmup_fraction"], gn_variant=options["gn_variant"],
+            cfg_parallel=_CFG_PARALLEL[options["cfg_parallel"]], stale_dtype=options["stale_dtype"],
+            extrapolate=options["extrapolate"], fresh=options["fresh"],
         )
     pipe.set_progress_bar_config(disable=rank != 0)
     start = time.perf_counter()
@@ -446,9 +454,9 @@ def _run_compile(args: argparse.Namespace) -> int:
 
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
-    options = dict(mode=args.mode, warmup_steps=args.warmup_steps, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel],
-                   stale_dtype=args.stale_dtype, extrapolate=args.extrapolate, fresh=args.fresh,
-                   format=args.format)
+    options = dict(mode=args.mode, warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction,
+                   cfg_parallel=_CFG_PARALLEL[args.cfg_parallel], stale_dtype=args.stale_dtype,
+                   extrapolate=args.extrapolate, fresh=args.fresh, format=args.format)
     start = time.perf_counter()
     if args.component == "vae":
         if getattr(pipe, "vae", None) is None:
@@ -470,14 +478,16 @@ def _run_compile(args: argparse.Namespace) -> int:
 
 def _fidelity_cases(args: argparse.Namespace) -> list[FidelityCase]:
     """The configurations ``distrifx fidelity`` measures: warm-ups with corrected GN; at the longest warm-up
-    each other GN variant, each narrower stale dtype, and each GN variant with every extrapolation and
-    set of fresh exchanges (crossed: one case per combination but the plain one); sync and naive."""
+    each warm-up fraction, each other GN variant, each narrower stale dtype, and each GN variant with every
+    extrapolation and set of fresh exchanges (crossed: one case per combination but the plain one); sync and
+    naive."""
     from distrifx.fidelity import FidelityCase
 
     cases = []
     for n in args.world_sizes:
         warm = max(args.warmups)
         cases += [FidelityCase(n, "stale", w, "corrected") for w in args.warmups]
+        cases += [FidelityCase(n, "stale", warm, warmup_fraction=f) for f in args.warmup_fractions]
         cases += [FidelityCase(n, "stale", warm, v) for v in args.gn_variants if v != "corrected"]
         cases += [FidelityCase(n, "stale", warm, stale_dtype=d) for d in _dtype_options(args.stale_dtypes) if d]
         cases += [FidelityCase(n, "stale", warm, v, extrapolate=e, fresh=tuple(f))

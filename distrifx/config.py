@@ -100,6 +100,7 @@ class ParallelConfig:
     world_size: int
     mode: Mode = Mode.STALE
     warmup_steps: int = 4
+    warmup_fraction: float = 0.0  # also warm up over this first share of the timestep's range
     gn_variant: GNVariant = GNVariant.CORRECTED
     kv_exchange: KVExchange = KVExchange.AUTO
     cfg_parallel: bool | Literal["auto"] = "auto"
@@ -121,6 +122,10 @@ class ParallelConfig:
             problems.append(f"world_size={self.world_size!r} must be a positive int")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be an int >= 0")
+        if isinstance(self.warmup_fraction, bool) or not isinstance(self.warmup_fraction, (int, float)) \
+                or not 0.0 <= self.warmup_fraction < 1.0:
+            problems.append(f"warmup_fraction={self.warmup_fraction!r} must be a number in [0, 1) (the share of the "
+                            "timestep's range, from the generation's first, to run synchronously; 0: off)")
         if self.cfg_parallel not in ("auto", True, False):
             problems.append(f"cfg_parallel={self.cfg_parallel!r} must be 'auto', True or False")
         if self.cfg_parallel is True and isinstance(self.world_size, int) and self.world_size % 2:

@@ -78,7 +78,7 @@ __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 3
 # Options exports of this manifest version may predate, as the programs they hold were compiled.
-OPTIONS_ADDED: dict[str, Any] = {"extrapolate": 0.0, "fresh": []}
+OPTIONS_ADDED: dict[str, Any] = {"extrapolate": 0.0, "fresh": [], "warmup_fraction": 0.0}
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
 _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
@@ -463,6 +463,7 @@ def export(
     kwargs: dict | None = None,
     mode: Mode | Literal["sync", "stale", "naive"] = "stale",
     warmup_steps: int = 4,
+    warmup_fraction: float = 0.0,
     gn_variant: GNVariant | Literal["corrected", "sync", "stale", "separate"] = "corrected",
     kv_exchange: KVExchange | Literal["auto", "kv", "hidden"] = "auto",
     cfg_parallel: bool | Literal["auto"] = "auto",
@@ -474,8 +475,8 @@ def export(
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
-    Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``gn_variant``,
-    ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate`` and ``fresh`` are those of
+    Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``warmup_fraction``,
+    ``gn_variant``, ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate`` and ``fresh`` are those of
     :func:`distrifx.parallelize`: with an even batch and world size (and ``cfg_parallel`` not False)
     each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The
     files are specialized to the shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
@@ -491,9 +492,9 @@ def export(
 
     kwargs = dict(kwargs or {})
     _check_format(format, tree_flatten((tuple(args), kwargs))[0])
-    config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps, gn_variant=gn_variant,
-                            kv_exchange=kv_exchange, cfg_parallel=cfg_parallel, stale_dtype=stale_dtype,
-                            extrapolate=extrapolate, fresh=fresh)
+    config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps,
+                            warmup_fraction=warmup_fraction, gn_variant=gn_variant, kv_exchange=kv_exchange,
+                            cfg_parallel=cfg_parallel, stale_dtype=stale_dtype, extrapolate=extrapolate, fresh=fresh)
     out = Path(out_dir)
     _prepare(out)
     model = model.eval()
@@ -512,6 +513,7 @@ def export(
         "world_size": world_size,
         "cfg_split": cfg_split,
         "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
+                    "warmup_fraction": config.warmup_fraction,
                     "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value,
                     "stale_dtype": dtype_name(config.stale_dtype), "extrapolate": config.extrapolate,
                     "fresh": list(config.fresh)},
@@ -893,8 +895,9 @@ class ExportedModule(SteppedModule):
 
     Steps and phases are tracked like :class:`~distrifx.runtime.module.ParallelModule`: a new
     generation starts when the timestep stops decreasing or on :meth:`reset`; stale mode runs the
-    warm-up graph for ``warmup_steps`` calls, then the stale graph with the state it carries. With
-    a CFG split, the batch halves run on two rank groups, as in ``ParallelModule``.
+    warm-up graph for ``warmup_steps`` calls (and over ``warmup_fraction`` of the timesteps), then the
+    stale graph with the state it carries. With a CFG split, the batch halves run on two rank groups,
+    as in ``ParallelModule``.
 
     It answers what diffusers pipelines read from their denoiser, as recorded from the model at
     export: ``config`` (a diffusers ``FrozenDict``), ``dtype``, ``device`` and the values in
@@ -1016,8 +1019,9 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
         _check_files(manifest, out)  # hashes every file: after the checks that need no reading
         options = manifest["options"]
         config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
-                                warmup_steps=options["warmup_steps"], gn_variant=options["gn_variant"],
-                                kv_exchange=options["kv_exchange"], cfg_parallel=manifest["cfg_split"],
+                                warmup_steps=options["warmup_steps"], warmup_fraction=options["warmup_fraction"],
+                                gn_variant=options["gn_variant"], kv_exchange=options["kv_exchange"],
+                                cfg_parallel=manifest["cfg_split"],
                                 stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"],
                                 fresh=options["fresh"], timeout_s=timeout_s)
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")

@@ -37,6 +37,7 @@ class FidelityCase:
     mode: str
     warmup_steps: int = 4
     gn_variant: str = "corrected"
+    warmup_fraction: float = 0.0  # also warm up over this first share of the timesteps' range
     stale_dtype: str | None = None
     extrapolate: float = 0.0
     fresh: tuple[str, ...] = ()  # exchange kinds kept synchronous in stale mode
@@ -54,7 +55,9 @@ class FidelityCase:
         narrow = f", {self.stale_dtype} exchanges" if self.stale_dtype else ""
         ahead = f", extrapolated {self.extrapolate:g}" if self.extrapolate else ""
         fresh = f", fresh {'+'.join(self.fresh)}" if self.fresh else ""
-        return f"N={self.world_size} stale, warm-up {self.warmup_steps}, GN {self.gn_variant}{narrow}{ahead}{fresh}"
+        warm = (f"max({self.warmup_steps} steps, first {self.warmup_fraction:.0%} of t)" if self.warmup_fraction
+                else f"{self.warmup_steps}")
+        return f"N={self.world_size} stale, warm-up {warm}, GN {self.gn_variant}{narrow}{ahead}{fresh}"
 
 
 def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch.Tensor:
@@ -63,18 +66,19 @@ def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch
 
 
 def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, seed: int, size: int,
-                    steps: int) -> torch.Tensor:
+                    steps: int) -> tuple[torch.Tensor, int]:
+    """Rank 0's image of ``case`` on simulated ranks, and how many of its steps were warm-up steps."""
     import distrifx
 
     pipes = [load() for _ in range(case.world_size)]
 
-    def rank(group: Any) -> torch.Tensor:
+    def rank(group: Any) -> tuple[torch.Tensor, int]:
         pipe = pipes[group.rank]
         pipe.unet = distrifx.parallelize(pipe.unet, case.world_size, mode=case.mode, cfg_parallel=False,
-                                         warmup_steps=case.warmup_steps, gn_variant=case.gn_variant,
-                                         stale_dtype=case.stale_dtype, extrapolate=case.extrapolate,
-                                         fresh=case.fresh, process_group=group)
-        return _generate(pipe, prompt, seed, size, steps)
+                                         warmup_steps=case.warmup_steps, warmup_fraction=case.warmup_fraction,
+                                         gn_variant=case.gn_variant, stale_dtype=case.stale_dtype,
+                                         extrapolate=case.extrapolate, fresh=case.fresh, process_group=group)
+        return _generate(pipe, prompt, seed, size, steps), pipe.unet.generation.warmup_calls
 
     return distrifx.simulate(rank, case.world_size)[0]
 
@@ -85,9 +89,11 @@ def _seed_results(load: Callable[[], Any], cases: Sequence[FidelityCase], seed: 
     reference = _generate(load(), prompt, seed, size, steps)
     rows, images = [], {"reference": reference}
     for case in cases:
-        image = images[case.label] = _parallel_image(load, case, prompt, seed, size, steps)
+        image, warmup_calls = _parallel_image(load, case, prompt, seed, size, steps)
+        images[case.label] = image
         rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt, "steps": steps,
-                     "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference)})
+                     "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference),
+                     "warmup_calls": warmup_calls})
     return rows, images
 
 

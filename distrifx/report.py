@@ -44,14 +44,20 @@ def _gpu_argv(latent: int) -> tuple[str, ...]:
 # about 6 dB), so the mean of eight would be uncertain by about 2 dB (its standard error); thirty-two halve that.
 SEEDS = tuple(str(seed) for seed in range(32))
 
+# The speedup target's configuration: 2-rank stale beside one rank alone, without transport and N copies.
+_TARGET = ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes", "stale",
+           "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6", "--threads", "1", "--project", "2",
+           "--no-transport", "--ceiling")
+
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "docs": {
         # The speedup target's configurations, in interleaved rounds: this machine's speed drifts.
         # With bfloat16 stale exchanges too: half the bytes gloo moves on the cores the ranks compute on.
-        "sd15-half-64-target": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
-                                "stale", "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6",
-                                "--threads", "1", "--project", "2", "--no-transport", "--ceiling"),
+        "sd15-half-64-target": _TARGET,
+        # The same on a second machine: the 2-core machines CI draws differ, and the page judges the target
+        # on each machine it was measured on.
+        "sd15-half-64-target-2": _TARGET,
         # The same UNet as a guidance pipeline calls it, conditional and unconditional halves in one batch of 2:
         # the whole batch patch-parallel (each weight a rank reads serves twice the rows), and split over two
         # rank groups as cfg_parallel="auto" does (at N=2 each rank runs one half's whole latent).
@@ -106,6 +112,14 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
                         "--jobs", "2"),
         # Twice the trained size: patches of 32 and 16 rows, nearer DistriFusion's 1024-pixel SDXL patches
         # (a 128-row latent) than the 16 and 8 rows at 32x32; longer warm-ups, as at 32x32.
+        # Warm-ups by share of the timesteps' range (warmup_fraction): the same share of a 20- and a 50-step
+        # generation, against the default's 4 steps of each.
+        "fidelity-fraction-20": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--warmup-fractions", "0.25",
+                                 "0.3", "--gn-variants", "corrected", "--seeds", *SEEDS, "--size", "32", "--steps",
+                                 "20", "--jobs", "2"),
+        "fidelity-fraction-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--warmup-fractions", "0.25",
+                                 "0.3", "--gn-variants", "corrected", "--seeds", *SEEDS, "--size", "32", "--steps",
+                                 "50", "--jobs", "2"),
         "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "6", "8", "--gn-variants", "corrected",
                         "sync", "--seeds", *SEEDS, "--size", "64", "--steps", "20", "--jobs", "2"),
         # Stale halo rows and keys/values extrapolated from the last two steps, against the default's last step.
@@ -408,11 +422,16 @@ def _target_config(results: list[dict[str, Any]]) -> bool:
     return (case["model"], case["height"], case["batch"]) == ("sd15-half", 64, 1)
 
 
-def _target_section(records: dict[str, dict[str, Any]], speed: list[str]) -> str | None:
-    """The speed section that judges the speedup target: of those with its configuration, the one
-    with the most rounds."""
-    cases = [k for k in speed if _target_config(records[k]["results"])]
-    return max(cases, key=lambda k: _rounds(records[k]["results"]), default=None)
+def _target_sections(records: dict[str, dict[str, Any]], speed: list[str]) -> dict[str, str]:
+    """Per machine, the speed section that judges the speedup target there: of those with its
+    configuration measured on that machine, the one with the most rounds."""
+    best: dict[str, str] = {}
+    for key in speed:
+        machine, results = records[key]["machine"], records[key]["results"]
+        if _target_config(results) and (machine not in best
+                                        or _rounds(results) > _rounds(records[best[machine]]["results"])):
+            best[machine] = key
+    return best
 
 
 def _backend(result: dict[str, Any]) -> str:
@@ -461,11 +480,14 @@ def _target_lines(key: str, results: list[dict[str, Any]], target: str | None, p
         copies = _find(results, "copies", 2)
         ceiling = (f"; this machine's ceiling for 2 ranks, measured in the same rounds (N=2 copies), is "
                    f"{copies['speedup']:.2f}x" if copies else "")
+        if copies and copies["speedup"] < SPEEDUP_TARGET:
+            ceiling += (f", below the target: here two copies of the model running at once, splitting nothing, "
+                        f"do not reach {SPEEDUP_TARGET}x")
         return [f"Target: 2-rank stale at least {SPEEDUP_TARGET}x here: {_verdict(stale['speedup'] >= SPEEDUP_TARGET)} "
                 f"({stale['speedup']:.2f}x{ceiling})."] + (
             [f"Where one rank alone loses against 2x, op by op: section {profile}."] if profile else [])
-    return [f"The speedup target is judged in section {target}, which has more rounds. This run measured "
-            f"{stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "
+    return [f"The speedup target is judged in section {target}, which has more rounds on this machine. This run "
+            f"measured {stale['speedup']:.2f}x for the same 2-rank stale configuration: single runs here differ by "
             f"about the spread of their steps."]
 
 
@@ -567,7 +589,8 @@ def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
 # Fidelity sections also sweep warm-ups: each against the default's, paired by seed.
 _FIDELITY_OPTIONS = {**_STALE_OPTIONS, "warmup_steps": (
     FidelityCase.warmup_steps, lambda v: f"{v} warm-up step{'s' * (v != 1)}",
-    f"{FidelityCase.warmup_steps} warm-up steps")}
+    f"{FidelityCase.warmup_steps} warm-up steps"), "warmup_fraction": (
+    0.0, lambda v: f"warm-up over the first {v:.0%} of the timesteps' range", "the warm-up steps alone")}
 
 
 def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) -> list[str]:
@@ -584,7 +607,8 @@ def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) 
             if getattr(case, option) == default or base not in labels:
                 continue
             gaps = paired_gaps(rows, row["label"], base)
-            out.append(f"N={world}, {what(getattr(case, option))} ({row['label']}): "
+            made = f", {row['warmup_calls']} of {row['steps']} steps" if option == "warmup_fraction" else ""
+            out.append(f"N={world}, {what(getattr(case, option))}{made} ({row['label']}): "
                        f"{_mean_psnr(rows, row['label']):.1f} dB, "
                        f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error "
                        f"{standard_error(gaps):.2f} dB over seeds; better on {sum(g > 0 for g in gaps)} of "
@@ -603,7 +627,9 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
               if size != trained else "")
     extrapolated, fresh = any(r.get("extrapolate") for r in rows), any(r.get("fresh") for r in rows)
     longer = any(r["mode"] == "stale" and r["warmup_steps"] > FidelityCase.warmup_steps for r in rows)
-    parts = [name for name, swept in (("longer warm-ups", longer), ("exchanges kept synchronous", fresh),
+    shares = any(r.get("warmup_fraction") for r in rows)
+    parts = [name for name, swept in (("longer warm-ups", longer), ("warm-ups by share of the timesteps", shares),
+                                      ("exchanges kept synchronous", fresh),
                                       ("extrapolated stale values", extrapolated)) if swept]
     title = f", {' and '.join(parts)}" if parts else ""
     variants = sorted({r["gn_variant"] for r in rows if r.get("extrapolate") or r.get("fresh")})
@@ -611,6 +637,8 @@ def _fidelity_section(key: str, record: dict[str, Any]) -> str:
     ahead = (" Configurations marked *extrapolated λ* read their neighbours' halo rows and keys/values as the last "
              "step's plus λ times their change since the step before (`extrapolate=λ`, docs/architecture.md); the "
              "others read the last step's." if extrapolated else "")
+    ahead += (" Configurations with a warm-up of *max(W steps, first f of t)* also run synchronously while the "
+              "timestep is above (1 - f) x the generation's first (`warmup_fraction=f`, README)." if shares else "")
     ahead += (" Configurations marked *fresh halo* (*fresh kv*) wait for this step's conv halo rows (keys/values) "
               "instead of reading the last step's (`fresh=`, docs/architecture.md)." if fresh else "")
     lines = [f"## Fidelity on the trained default model: {rows[0]['steps']} DDIM steps, {size}x{size} pixels{title}",
@@ -684,10 +712,11 @@ def render(out: Path, suite: str = "docs") -> str:
     sections = ["\n".join(head)]
     suite_argv = SUITES[suite]
     speed = [k for k in records if suite_argv[k][0] == "bench" and "--component" not in suite_argv[k]]
-    target = _target_section(records, speed)
+    targets = _target_sections(records, speed)
     profiles = [k for k in records if suite_argv[k][0] == "profile"]
     target_profile = next((k for k in profiles if _target_config([records[k]["results"]])), None)
-    sections += [_stamped(_speed_section(key, records[key], target, target_profile), records[key]) for key in speed]
+    sections += [_stamped(_speed_section(key, records[key], targets.get(records[key]["machine"]), target_profile),
+                          records[key]) for key in speed]
     if speed:
         sections.append(_bytes_section(records[speed[0]]))
     sections += [_stamped(_profile_section(key, records[key]), records[key]) for key in profiles]

@@ -159,18 +159,19 @@ def test_the_published_page_is_what_its_results_render(monkeypatch):
     assert "- Where one rank alone loses against 2x, op by op: section profile-sd15-half-64." in page
 
 
-def test_the_speed_target_is_judged_by_the_section_with_the_most_rounds():
-    from distrifx.report import _target_section
+def test_the_speed_target_is_judged_on_each_machine_by_its_section_with_the_most_rounds():
+    from distrifx.report import _target_sections
 
-    def record(model, height, rounds=None, batch=1):
+    def record(model, height, rounds=None, batch=1, machine="amd"):
         result = {"case": {"model": model, "height": height, "batch": batch}, **({"rounds": rounds} if rounds else {})}
-        return {"results": [result]}
+        return {"results": [result], "machine": machine}
 
     records = {"old": record("sd15-half", 64), "repeated": record("sd15-half", 64, 3),
-               "other": record("sd15-half", 128, 5), "guidance": record("sd15-half", 64, 6, batch=2)}
-    assert _target_section(records, list(records)) == "repeated"
-    assert _target_section(records, ["old", "other"]) == "old"  # written before rounds: one round
-    assert _target_section(records, ["other", "guidance"]) is None  # the target is batch 1
+               "other": record("sd15-half", 128, 5), "guidance": record("sd15-half", 64, 6, batch=2),
+               "xeon": record("sd15-half", 64, 2, machine="xeon"), "xeon-more": record("sd15-half", 64, 4, machine="xeon")}
+    assert _target_sections(records, list(records)) == {"amd": "repeated", "xeon": "xeon-more"}
+    assert _target_sections(records, ["old", "other", "xeon"]) == {"amd": "old", "xeon": "xeon"}  # no rounds: one
+    assert _target_sections(records, ["other", "guidance"]) == {}  # the target is batch 1
 
 
 def test_report_refuses_an_unknown_section(tmp_path):
@@ -608,7 +609,8 @@ def test_copies_measure_the_machine_ceiling_and_the_target_is_set_against_it(mon
     assert findings[1].endswith("N=2 stale reaches 2.00x, 110% of it.") and len(findings) == 2
     (verdict,) = _target_lines("t", results[:3], "t", None)
     assert verdict == ("Target: 2-rank stale at least 1.9x here: **not met** (1.60x; this machine's ceiling for 2 ranks, "
-                       "measured in the same rounds (N=2 copies), is 1.82x).")
+                       "measured in the same rounds (N=2 copies), is 1.82x, below the target: here two copies of the "
+                       "model running at once, splitting nothing, do not reach 1.9x).")
     with pytest.raises(ConfigError, match="copies run the unmodified model on every one of world_size >= 2 real"):
         bench.BenchCase(world_size=2, mode="copies", projected=True)
 

@@ -38,10 +38,19 @@ def test_fidelity_crosses_extrapolations_with_fresh_sets_and_gn_variants():
         f"{stale} sync, extrapolated 0.5, fresh halo", "N=2 sync", "N=2 naive"]
 
 
+def test_fidelity_adds_warmup_fractions_at_the_longest_warmup():
+    args = build_parser().parse_args(["fidelity", "--world-sizes", "4", "--warmups", "2", "4", "--gn-variants",
+                                      "corrected", "--warmup-fractions", "0.3"])
+    assert [case.label for case in _fidelity_cases(args)] == [
+        "N=4 stale, warm-up 2, GN corrected", "N=4 stale, warm-up 4, GN corrected",
+        "N=4 stale, warm-up max(4 steps, first 30% of t), GN corrected", "N=4 sync", "N=4 naive"]
+
+
 def test_generate_on_the_embedded_default_writes_a_png(tmp_path):
     out = tmp_path / "image.png"
     stdout = _distrifx("generate", "--prompt", "red circle", "--world-size", "2", "--steps", "6",
-                       "--warmup-steps", "2", "--cfg-parallel", "off", "--height", "64", "--width", "64",
+                       "--warmup-steps", "2", "--warmup-fraction", "0.3", "--cfg-parallel", "off", "--height", "64",
+                       "--width", "64",
                        "--extrapolate", "0.5", "--fresh", "halo", "--threads-per-rank", "1", "--out", str(out))
     assert f"wrote {out} (64x64) with 2 rank(s), mode=stale" in stdout
     image = Image.open(out)

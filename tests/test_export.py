@@ -17,7 +17,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import distrifx
 from distrifx.errors import ArtifactError, InputSignatureError
-from distrifx.export import MANIFEST
+from distrifx.export import MANIFEST, OPTIONS_ADDED, read_manifest
 from distrifx.models import random_unet, unet_inputs
 from distrifx.runtime import SimulatedWorld
 from tests import export_workers
@@ -149,10 +149,12 @@ def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model
     ("pt2", "extrapolate", 0.5, 0.5),
     ("onnx", "extrapolate", 0.5, 0.5),
     ("pt2", "fresh", ("halo",), ["halo"]),
+    ("pt2", "warmup_fraction", 0.5, 0.5),  # the second step (600 of 900) also warms up
 ])
 def test_stale_option_export_equals_the_eager_runtime_and_stores_the_option(model, tmp_path, format, option, value,
                                                                             stored):
-    """Extrapolated stale values, or halo rows exchanged synchronously, survive export and load."""
+    """Extrapolated stale values, halo rows exchanged synchronously, or a warm-up by timestep survive export
+    and load."""
     unet, (sample, _), kwargs = model
     options = dict(mode="stale", warmup_steps=1)
     distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, format=format,
@@ -172,13 +174,23 @@ def test_stale_option_export_equals_the_eager_runtime_and_stores_the_option(mode
     assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
 
 
+def test_an_export_written_before_an_option_existed_reads_as_compiled_with_its_default(exported, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(exported("pt2", "stale"), old)
+    manifest = json.loads((old / MANIFEST).read_text())
+    manifest["options"] = {k: v for k, v in manifest["options"].items() if k not in OPTIONS_ADDED}
+    (old / MANIFEST).write_text(json.dumps(manifest))
+    assert read_manifest(old)["options"] == {**manifest["options"], "extrapolate": 0.0, "fresh": [],
+                                             "warmup_fraction": 0.0}
+
+
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
     out = exported("pt2", "stale")
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["format"] == "pt2" and manifest["world_size"] == 2
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
-    assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "gn_variant": "corrected", "kv_exchange": "auto",
-                                   "stale_dtype": None, "extrapolate": 0.0, "fresh": []}
+    assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "warmup_fraction": 0.0, "gn_variant": "corrected",
+                                   "kv_exchange": "auto", "stale_dtype": None, "extrapolate": 0.0, "fresh": []}
     assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
     assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"

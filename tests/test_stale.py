@@ -6,8 +6,11 @@ import pytest
 import torch
 
 import distrifx
+from distrifx.config import Mode
+from distrifx.default_model import DEFAULT_MODEL_DIR
 from distrifx.models import random_unet, unet_inputs
 from distrifx.passes.builder import older
+from distrifx.runtime.program import Generation
 from tests.stale_reference import StaleReference
 
 TIMESTEPS = [900, 800, 700, 600, 500, 400]
@@ -128,6 +131,43 @@ def test_warmup_covering_every_step_equals_sync():
     for (a, phase), (b, _) in zip(stale[0], sync[0]):
         assert phase == "warmup"
         assert torch.equal(a, b)
+
+
+def test_warmup_fraction_runs_synchronous_steps_while_the_timestep_is_in_its_first_share():
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, len(TIMESTEPS))
+    stale = _run(unet, 2, samples, kwargs, mode="stale", warmup_steps=1, warmup_fraction=0.25)
+    sync = _run(unet, 2, samples, kwargs, mode="sync")
+    # 800 and 700 are 11% and 22% below the first timestep (900), 600 is 33% below
+    assert [phase for _, phase in stale[0]] == ["warmup"] * 3 + ["stale"] * 3
+    for (a, _), (b, _) in zip(stale[0][:3], sync[0][:3]):
+        assert torch.equal(a, b)
+    assert not torch.equal(stale[0][3][0], sync[0][3][0])
+
+
+@pytest.mark.parametrize("steps,fraction,warmups", [(20, 0.25, 5), (50, 0.25, 13), (20, 0.3, 6), (50, 0.3, 15)])
+def test_warmup_fraction_covers_a_like_share_of_a_20_or_50_step_generation(steps, fraction, warmups):
+    """The default model's DDIM timesteps (trailing: 999, 949, ... at 20 steps; 999, 979, ... at 50): a
+    fraction f warms up every step above (1 - f) x 999."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_pretrained(DEFAULT_MODEL_DIR, subfolder="scheduler")
+    scheduler.set_timesteps(steps)
+    generation = Generation(Mode.STALE, warmup_steps=1, warmup_fraction=fraction)
+    phases = []
+    for t in scheduler.timesteps:
+        phases.append(generation.next_phase(t, "inputs"))
+        generation.has_state = True  # what running the warm-up graph leaves
+    assert phases == ["warmup"] * warmups + ["stale"] * (steps - warmups)
+    assert generation.warmup_calls == warmups
+
+
+def test_warmup_fraction_names_a_model_whose_calls_carry_no_timestep():
+    generation = Generation(Mode.STALE, warmup_steps=4, warmup_fraction=0.3)
+    with pytest.raises(distrifx.ConfigError, match=r"warmup_fraction=0.3 warms up by the timestep, but this model's "
+                                                   r"calls carry none .* give warmup_steps instead"):
+        generation.next_phase(None, "inputs")
+    assert Generation(Mode.SYNC, warmup_steps=4, warmup_fraction=0.3).next_phase(None, "inputs") == "sync"
 
 
 def test_new_generation_restarts_warmup_and_reset_is_explicit():

@@ -44,7 +44,7 @@ class SteppedModule(nn.Module):
         super().__init__()
         self.parallel_config = config
         self.comm = comm
-        self.generation = Generation(config.mode, config.warmup_steps)
+        self.generation = Generation(config.mode, config.warmup_steps, config.warmup_fraction)
         self.last_phase: str | None = None
         self.last_stats = CommStats()
 

@@ -14,6 +14,7 @@ from torch.utils._pytree import TreeSpec
 from distrifx.backends import apply_backend
 from distrifx.capture import CapturedProgram
 from distrifx.config import Mode, ParallelConfig
+from distrifx.errors import ConfigError
 from distrifx.passes import META_SIGNATURE, META_SITES, PassContext, Phase, RankSignature, build_rank_graph
 from distrifx.passes.builder import older
 from distrifx.runtime.comm import Communicator
@@ -27,32 +28,37 @@ def phases_for(mode: Mode) -> tuple[str, ...]:
     return {Mode.SYNC: (Phase.SYNC,), Mode.NAIVE: (Phase.NAIVE,), Mode.STALE: (Phase.WARMUP, Phase.STALE)}[mode]
 
 
-def select_phase(mode: Mode, warmup_steps: int, step: int, new_generation: bool, has_state: bool) -> str:
-    """The graph a call runs: stale mode warms up at the start of a generation and until a warm-up
-    call has built the state the stale graph reads (``has_state``; it may be empty).
+def select_phase(mode: Mode, warming_up: bool, has_state: bool) -> str:
+    """The graph a call runs: stale mode runs the warm-up graph while ``warming_up`` and until a
+    warm-up call has built the state the stale graph reads (``has_state``; it may be empty).
 
     Example:
-        >>> select_phase(Mode.STALE, warmup_steps=1, step=1, new_generation=False, has_state=True)
+        >>> select_phase(Mode.STALE, warming_up=False, has_state=True)
         'stale'
     """
     if mode is Mode.SYNC:
         return Phase.SYNC
     if mode is Mode.NAIVE:
         return Phase.NAIVE
-    if new_generation or step < warmup_steps or not has_state:
-        return Phase.WARMUP
-    return Phase.STALE
+    return Phase.WARMUP if warming_up or not has_state else Phase.STALE
 
 
 @dataclass
 class Generation:
-    """Where a rank is in a generation: its step count and the stale state carried between calls."""
+    """Where a rank is in a generation: its step count and the stale state carried between calls.
+
+    A generation warms up for its first ``warmup_steps`` calls and, with ``warmup_fraction`` f,
+    also while its timestep is above (1 - f) x its first one: the first f of its noise range,
+    whatever the number of steps.
+    """
 
     mode: Mode
     warmup_steps: int
+    warmup_fraction: float = 0.0
     steps: StepTracker = field(default_factory=StepTracker)
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     has_state: bool = False  # a call of this generation has emitted ``state`` (none if nothing is stale)
+    warmup_calls: int = 0  # of this generation so far
 
     def reset(self) -> None:
         """Start a new generation: the next call runs the warm-up graph and rebuilds stale state."""
@@ -62,13 +68,29 @@ class Generation:
     def _clear(self) -> None:
         self.state.clear()
         self.has_state = False
+        self.warmup_calls = 0
 
     def next_phase(self, timestep: object, key: Hashable) -> str:
         """Record a call (``timestep``, input signature ``key``) and pick the graph it runs."""
         new_generation = self.steps.advance(timestep, key)
         if new_generation:
             self._clear()
-        return select_phase(self.mode, self.warmup_steps, self.steps.step, new_generation, self.has_state)
+        warming_up = self._warming_up()
+        phase = select_phase(self.mode, new_generation or warming_up, self.has_state)
+        self.warmup_calls += phase == Phase.WARMUP
+        return phase
+
+    def _warming_up(self) -> bool:
+        """Whether this call is within the generation's first ``warmup_steps`` or ``warmup_fraction``."""
+        if self.warmup_fraction and self.mode is Mode.STALE:
+            descended = self.steps.descended
+            if descended is None:
+                raise ConfigError(f"warmup_fraction={self.warmup_fraction} warms up by the timestep, but this model's "
+                                  "calls carry none (no `timestep` argument, or not a number); give warmup_steps "
+                                  "instead.")
+            if descended < self.warmup_fraction:
+                return True
+        return self.steps.step < self.warmup_steps
 
     def run(self, program: RankProgram, phase: str, comm: Communicator, flat_inputs: list[Any]) -> list[Any]:
         """Run ``phase`` with the carried state; keep the state it emits; return the user outputs."""
