@@ -49,6 +49,13 @@ _TARGET = ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "
            "--stale-dtypes", "none", "bfloat16", "--steps", "12", "--rounds", "6", "--threads", "1", "--project", "2",
            "--no-transport", "--ceiling")
 
+
+def _fraction_argv(steps: int) -> tuple[str, ...]:
+    """The fidelity command for warm-ups by share of the timesteps (0.25, 0.3) against 4 steps, in ``steps`` steps."""
+    return ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--warmup-fractions", "0.25", "0.3",
+            "--gn-variants", "corrected", "--seeds", *SEEDS, "--size", "32", "--steps", str(steps), "--jobs", "2")
+
+
 # section -> the distrifx command that produces it (``--out`` is appended).
 SUITES: dict[str, dict[str, tuple[str, ...]]] = {
     "docs": {
@@ -110,16 +117,12 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         "fidelity-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", *map(str, WARMUP_CURVES[50]),
                         "--gn-variants", "corrected", "sync", "--seeds", *SEEDS, "--size", "32", "--steps", "50",
                         "--jobs", "2"),
-        # Twice the trained size: patches of 32 and 16 rows, nearer DistriFusion's 1024-pixel SDXL patches
-        # (a 128-row latent) than the 16 and 8 rows at 32x32; longer warm-ups, as at 32x32.
         # Warm-ups by share of the timesteps' range (warmup_fraction): the same share of a 20- and a 50-step
         # generation, against the default's 4 steps of each.
-        "fidelity-fraction-20": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--warmup-fractions", "0.25",
-                                 "0.3", "--gn-variants", "corrected", "--seeds", *SEEDS, "--size", "32", "--steps",
-                                 "20", "--jobs", "2"),
-        "fidelity-fraction-50": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "--warmup-fractions", "0.25",
-                                 "0.3", "--gn-variants", "corrected", "--seeds", *SEEDS, "--size", "32", "--steps",
-                                 "50", "--jobs", "2"),
+        "fidelity-fraction-20": _fraction_argv(20),
+        "fidelity-fraction-50": _fraction_argv(50),
+        # Twice the trained size: patches of 32 and 16 rows, nearer DistriFusion's 1024-pixel SDXL patches
+        # (a 128-row latent) than the 16 and 8 rows at 32x32; longer warm-ups, as at 32x32.
         "fidelity-64": ("fidelity", "--world-sizes", "2", "4", "--warmups", "4", "6", "8", "--gn-variants", "corrected",
                         "sync", "--seeds", *SEEDS, "--size", "64", "--steps", "20", "--jobs", "2"),
         # Stale halo rows and keys/values extrapolated from the last two steps, against the default's last step.
