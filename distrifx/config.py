@@ -62,6 +62,11 @@ def _enum(cls: type[enum.Enum], value: object, option: str) -> enum.Enum:
         raise ConfigError(f"{option}={value!r} is not valid; choose one of {choices}.") from None
 
 
+def _is_number(value: object) -> bool:
+    """An int or float option value (a bool is neither here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def dtype_name(dtype: torch.dtype | None) -> str | None:
     """``torch.bfloat16`` -> ``"bfloat16"`` (for manifests and labels); None stays None."""
     return None if dtype is None else str(dtype).removeprefix("torch.")
@@ -122,16 +127,14 @@ class ParallelConfig:
             problems.append(f"world_size={self.world_size!r} must be a positive int")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be an int >= 0")
-        if isinstance(self.warmup_fraction, bool) or not isinstance(self.warmup_fraction, (int, float)) \
-                or not 0.0 <= self.warmup_fraction < 1.0:
+        if not _is_number(self.warmup_fraction) or not 0.0 <= self.warmup_fraction < 1.0:
             problems.append(f"warmup_fraction={self.warmup_fraction!r} must be a number in [0, 1) (the share of the "
                             "timestep's range, from the generation's first, to run synchronously; 0: off)")
         if self.cfg_parallel not in ("auto", True, False):
             problems.append(f"cfg_parallel={self.cfg_parallel!r} must be 'auto', True or False")
         if self.cfg_parallel is True and isinstance(self.world_size, int) and self.world_size % 2:
             problems.append(f"cfg_parallel=True needs an even world_size, got {self.world_size}")
-        if isinstance(self.extrapolate, bool) or not isinstance(self.extrapolate, (int, float)) \
-                or not 0.0 <= self.extrapolate <= 1.0:
+        if not _is_number(self.extrapolate) or not 0.0 <= self.extrapolate <= 1.0:
             problems.append(f"extrapolate={self.extrapolate!r} must be a number in [0, 1] (0: the previous "
                             "step's values as they are)")
         if not self.timeout_s > 0:
