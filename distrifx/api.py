@@ -56,6 +56,7 @@ def parallelize(
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
     extrapolate: float = 0.0,
     fresh: Sequence[Literal["halo", "kv"]] = (),
+    bucket_mb: float = 0.0,
 ) -> ParallelModule:
     """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
 
@@ -97,6 +98,7 @@ def parallelize(
         stale_dtype=stale_dtype,
         extrapolate=extrapolate,
         fresh=fresh,
+        bucket_mb=bucket_mb,
     )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")

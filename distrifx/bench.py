@@ -55,6 +55,7 @@ class BenchCase:
     stale_dtype: str | None = None  # stale mode's halo rows and K/V travel in this (None: the activations')
     extrapolate: float = 0.0  # stale mode's halo rows and K/V extrapolated from the last two steps
     fresh: tuple[str, ...] = ()  # exchange kinds stale mode still does synchronously
+    bucket_mb: float = 0.0  # stale mode's exchanges sent in collectives of up to this many MiB (0: one each)
     cfg_parallel: bool = False  # the batch's two halves on two rank groups, each patch-parallel over N/2
     threads: int = 1
     projected: bool = False  # time one rank alone (collectives return at once): compute only
@@ -90,10 +91,11 @@ class BenchCase:
         narrow = f" {self.stale_dtype} exchanges" if self.mode == "stale" and self.stale_dtype else ""
         ahead = f" extrapolated {self.extrapolate:g}" if self.mode == "stale" and self.extrapolate else ""
         fresh = f" fresh {'+'.join(self.fresh)}" if self.mode == "stale" and self.fresh else ""
+        packed = f" buckets {self.bucket_mb:g} MiB" if self.mode == "stale" and self.bucket_mb else ""
         cfg = " CFG split" if self.cfg_parallel else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
-                f"{self.mode}{gn}{narrow}{ahead}{fresh}{cfg}{backend}{kind}")
+                f"{self.mode}{gn}{narrow}{ahead}{fresh}{packed}{cfg}{backend}{kind}")
 
     @property
     def first_steady_step(self) -> int:
@@ -133,16 +135,19 @@ def projected_step(compute_s: float, exchanges: dict[str, list[int]], link: Link
     return max(compute_s + blocking, blocking + overlapped)
 
 
-def _exchanges(sites: tuple) -> dict[str, list[int]]:
-    """``[count, bytes]`` of a graph's blocking and overlapped exchanges, from its plan."""
+def _exchanges(program: Any, phase: str) -> dict[str, list[int]]:
+    """``[count, bytes]`` of a graph's blocking and overlapped exchanges, from its plan; counted in
+    collectives, so a bucket of stale exchanges (``bucket_mb``) counts once."""
     from distrifx.passes.builder import Form
+    from distrifx.runtime.ops import is_start
 
     out = {"blocking": [0, 0], "overlapped": [0, 0]}
-    for site in sites:
+    for site in program.sites(phase):
         if site.form is not Form.NONE:
             entry = out["blocking" if site.form is Form.SYNC else "overlapped"]
             entry[0] += 1
             entry[1] += site.bytes_sent
+    out["overlapped"][0] = sum(map(is_start, program.graphs[phase].graph.nodes)) - out["blocking"][0]
     return out
 
 
@@ -193,7 +198,8 @@ def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dic
         return model, None, sample, kwargs, timesteps
     pmodel = distrifx.parallelize(unet, case.world_size, mode=case.mode, warmup_steps=case.warmup_steps,
                                   gn_variant=case.gn_variant, stale_dtype=case.stale_dtype,
-                                  extrapolate=case.extrapolate, fresh=case.fresh, cfg_parallel=case.cfg_parallel,
+                                  extrapolate=case.extrapolate, fresh=case.fresh, bucket_mb=case.bucket_mb,
+                                  cfg_parallel=case.cfg_parallel,
                                   backend=case.backend, process_group=group)
     return pmodel, pmodel, sample, kwargs, timesteps
 
@@ -228,7 +234,7 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
         "rank": 0 if case.projected else dist.get_rank(),
         "steps": steps,
         "state_bytes": state_bytes,
-        "exchanges": {phase: _exchanges(program.sites(phase)) for phase in program.graphs} if program else {},
+        "exchanges": {phase: _exchanges(program, phase) for phase in program.graphs} if program else {},
         "build_s": pmodel.build_seconds if pmodel is not None else 0.0,
         "peak_bytes": _peak_memory(case.device),
         "cores": sorted(os.sched_getaffinity(0)),

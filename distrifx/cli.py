@@ -40,7 +40,8 @@ GN_VARIANTS = [v.value for v in GNVariant]
 _CFG_PARALLEL = {"auto": "auto", "on": True, "off": False}
 # generate's parallel options; with --engines they come from the export instead.
 _PARALLEL_DEFAULTS = {"world_size": 2, "mode": "stale", "warmup_steps": 4, "warmup_fraction": 0.0,
-                      "gn_variant": "corrected", "cfg_parallel": "auto", "extrapolate": 0.0, "fresh": []}
+                      "gn_variant": "corrected", "cfg_parallel": "auto", "extrapolate": 0.0, "fresh": [],
+                      "bucket_mb": 0.0}
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -74,6 +75,9 @@ def _add_stale_options(p: argparse.ArgumentParser, unset: bool = False) -> None:
     p.add_argument("--fresh", choices=FRESH_KINDS, nargs="*", default=None if unset else [],
                    help="exchanges stale mode still does synchronously, of: halo, kv (default none; 'halo' with "
                         "--gn-variant sync leaves only keys/values stale, measured in docs/benchmarks.md)")
+    p.add_argument("--bucket-mb", type=float, default=None if unset else 0.0,
+                   help="send stale mode's exchanges in collectives of up to this many MiB instead of one each "
+                        "(default 0: one each; 4 is measured in docs/benchmarks.md)")
 
 
 def _stale_dtypes(p: argparse.ArgumentParser) -> None:
@@ -151,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     _stale_dtypes(bench)
     _extrapolations(bench)
     _fresh_sets(bench)
+    bench.add_argument("--bucket-mbs", type=float, nargs="+", default=[0.0],
+                       help="stale mode's bucket sizes to sweep: exchanges sent in collectives of up to this many "
+                            "MiB (bucket_mb; 0: one collective per exchange; default 0)")
     bench.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     bench.add_argument("--rounds", type=_positive_int, default=1,
                        help="run every configuration this many times, a round through all of them at a time; "
@@ -335,7 +342,7 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
             pipe, options["world_size"], mode=options["mode"], warmup_steps=options["warmup_steps"],
             warmup_fraction=options["warmup_fraction"], gn_variant=options["gn_variant"],
             cfg_parallel=_CFG_PARALLEL[options["cfg_parallel"]], stale_dtype=options["stale_dtype"],
-            extrapolate=options["extrapolate"], fresh=options["fresh"],
+            extrapolate=options["extrapolate"], fresh=options["fresh"], bucket_mb=options["bucket_mb"],
         )
     pipe.set_progress_bar_config(disable=rank != 0)
     start = time.perf_counter()
@@ -421,11 +428,13 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
                       warmup_steps=args.warmup_steps, threads=args.threads, bind_cores=not args.no_bind_cores,
                       device=args.device, dtype=args.dtype, backend=backend)
         cases.append(BenchCase(world_size=1, mode="eager", **common))
-        variants = [dict(mode=m, gn_variant=g, stale_dtype=d, extrapolate=e, fresh=tuple(f)) for m in args.modes
+        variants = [dict(mode=m, gn_variant=g, stale_dtype=d, extrapolate=e, fresh=tuple(f), bucket_mb=k)
+                    for m in args.modes
                     for g in (args.gn_variants if m == "stale" else ["corrected"])
                     for d in (_dtype_options(args.stale_dtypes) if m == "stale" else [None])
                     for e in (args.extrapolations if m == "stale" else [0.0])
-                    for f in (args.fresh_sets if m == "stale" else [[]])]
+                    for f in (args.fresh_sets if m == "stale" else [[]])
+                    for k in (args.bucket_mbs if m == "stale" else [0.0])]
         cases += [BenchCase(world_size=n, **v, **common) for n in args.world_sizes for v in variants]
         cases += [BenchCase(world_size=n, projected=True, **v, **common) for n in args.project for v in variants]
         if args.no_transport:
@@ -456,7 +465,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
     options = dict(mode=args.mode, warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction,
                    cfg_parallel=_CFG_PARALLEL[args.cfg_parallel], stale_dtype=args.stale_dtype,
-                   extrapolate=args.extrapolate, fresh=args.fresh, format=args.format)
+                   extrapolate=args.extrapolate, fresh=args.fresh, bucket_mb=args.bucket_mb, format=args.format)
     start = time.perf_counter()
     if args.component == "vae":
         if getattr(pipe, "vae", None) is None:

@@ -114,6 +114,7 @@ class ParallelConfig:
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges: sent and kept in this
     extrapolate: float = 0.0  # stale values: last step's + this x (last step's - the one before's)
     fresh: tuple[str, ...] = ()  # exchange kinds (FRESH_KINDS) stale mode still does synchronously
+    bucket_mb: float = 0.0  # stale exchanges sent in collectives of up to this many MiB (0: one each)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
@@ -137,6 +138,9 @@ class ParallelConfig:
         if not _is_number(self.extrapolate) or not 0.0 <= self.extrapolate <= 1.0:
             problems.append(f"extrapolate={self.extrapolate!r} must be a number in [0, 1] (0: the previous "
                             "step's values as they are)")
+        if not _is_number(self.bucket_mb) or self.bucket_mb < 0:
+            problems.append(f"bucket_mb={self.bucket_mb!r} must be a number >= 0 (MiB of stale exchanges sent "
+                            "in one collective; 0: one collective per exchange)")
         if not self.timeout_s > 0:
             problems.append(f"timeout_s={self.timeout_s!r} must be > 0")
         if problems:

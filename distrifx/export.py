@@ -78,7 +78,7 @@ __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 3
 # Options exports of this manifest version may predate, as the programs they hold were compiled.
-OPTIONS_ADDED: dict[str, Any] = {"extrapolate": 0.0, "fresh": [], "warmup_fraction": 0.0}
+OPTIONS_ADDED: dict[str, Any] = {"extrapolate": 0.0, "fresh": [], "warmup_fraction": 0.0, "bucket_mb": 0.0}
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
 _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
@@ -470,13 +470,14 @@ def export(
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
     extrapolate: float = 0.0,
     fresh: Sequence[Literal["halo", "kv"]] = (),
+    bucket_mb: float = 0.0,
     format: Literal["pt2", "aoti", "onnx", "tensorrt"] = "pt2",
     pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
     Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``warmup_fraction``,
-    ``gn_variant``, ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate`` and ``fresh`` are those of
+    ``gn_variant``, ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate``, ``fresh`` and ``bucket_mb`` are those of
     :func:`distrifx.parallelize`: with an even batch and world size (and ``cfg_parallel`` not False)
     each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The
     files are specialized to the shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
@@ -494,7 +495,8 @@ def export(
     _check_format(format, tree_flatten((tuple(args), kwargs))[0])
     config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps,
                             warmup_fraction=warmup_fraction, gn_variant=gn_variant, kv_exchange=kv_exchange,
-                            cfg_parallel=cfg_parallel, stale_dtype=stale_dtype, extrapolate=extrapolate, fresh=fresh)
+                            cfg_parallel=cfg_parallel, stale_dtype=stale_dtype, extrapolate=extrapolate, fresh=fresh,
+                            bucket_mb=bucket_mb)
     out = Path(out_dir)
     _prepare(out)
     model = model.eval()
@@ -516,7 +518,7 @@ def export(
                     "warmup_fraction": config.warmup_fraction,
                     "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value,
                     "stale_dtype": dtype_name(config.stale_dtype), "extrapolate": config.extrapolate,
-                    "fresh": list(config.fresh)},
+                    "fresh": list(config.fresh), "bucket_mb": config.bucket_mb},
         "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
         "inputs": _input_signature(model, tuple(args), kwargs),
         "out_spec": treespec_dumps(captured.out_spec),
@@ -1023,7 +1025,7 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
                                 gn_variant=options["gn_variant"], kv_exchange=options["kv_exchange"],
                                 cfg_parallel=manifest["cfg_split"],
                                 stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"],
-                                fresh=options["fresh"], timeout_s=timeout_s)
+                                fresh=options["fresh"], bucket_mb=options["bucket_mb"], timeout_s=timeout_s)
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
         out_spec = _load_spec(manifest["out_spec"], "output")
         attributes = _model_attributes(manifest["model"])

@@ -67,6 +67,10 @@ class Plan:
         """Function and method calls ``phase``'s graph makes per step (:func:`graph_calls`)."""
         return graph_calls(self.graphs[phase])
 
+    def collectives(self, phase: str) -> int:
+        """Collectives ``phase``'s graph starts per step (fewer than its exchanges when buckets pack them)."""
+        return sum(is_start(node) for node in self.graphs[phase].graph.nodes)
+
     def bytes_by_kind(self, phase: str) -> dict[str, tuple[int, int]]:
         """``{kind: (exchanges, bytes this rank sends per step)}`` for ``phase``."""
         out: dict[str, tuple[int, int]] = {}
@@ -88,7 +92,7 @@ class Plan:
                 + ", ".join(f"{k} x{v}" for k, v in sorted(kinds.items()))
                 + " | forms: " + ", ".join(f"{k} x{v}" for k, v in sorted(forms.items()))
                 + f" | sent by this rank per step: {self.bytes_per_step(phase) / 2**20:.3f} MiB"
-                + f" | {self.calls(phase)} calls"
+                + f" | {self.collectives(phase)} collectives, {self.calls(phase)} calls"
             )
             for s in sites:
                 out.append(f"  {s.kind:8s} {s.form.value:6s} {s.bytes_sent:>10d} B  {s.name:40s} {s.module}")

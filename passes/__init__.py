@@ -1,4 +1,4 @@
-"""The distrifx compiler passes: simplify -> annotate -> shard -> schedule -> cleanup.
+"""The distrifx compiler passes: simplify -> annotate -> shard -> schedule -> coalesce -> cleanup.
 
 Each pass is a function ``(GraphModule, PassContext) -> PassResult``; :data:`PIPELINE` lists them
 by name and :func:`build_rank_graph` runs them for one rank and phase.
@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 
 from distrifx.passes.annotate import annotate, valid_heights
 from distrifx.passes.cleanup import cleanup
+from distrifx.passes.coalesce import coalesce
 from distrifx.passes.manager import PassContext, PassResult, Phase, run_passes
 from distrifx.passes.schedule import collective_order, schedule
 from distrifx.passes.shard import META_SIGNATURE, META_SITES, RankSignature, shard
@@ -35,6 +36,7 @@ PIPELINE = (
     ("annotate", annotate),
     ("shard", shard),
     ("schedule", schedule),
+    ("coalesce", coalesce),
     ("cleanup", cleanup),
 )
 

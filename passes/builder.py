@@ -17,10 +17,11 @@ from distrifx.passes.manager import PassContext, Phase
 from distrifx.passes.spec import Placement, Shard
 from distrifx.runtime import ops
 
-__all__ = ["Form", "ExchangeSite", "Builder", "META_ORIGIN", "form_for", "is_carried", "gather_bytes", "wire_dtype",
-           "older"]
+__all__ = ["Form", "ExchangeSite", "Payload", "Builder", "META_ORIGIN", "META_PAYLOAD", "form_for", "is_carried",
+           "gather_bytes", "wire_dtype", "older", "trace_into"]
 
 META_ORIGIN = "distrifx.origin"
+META_PAYLOAD = "distrifx.payload"  # on a stale exchange's start: the Payload it sends
 aten = torch.ops.aten
 
 
@@ -42,6 +43,14 @@ class ExchangeSite:
     form: Form
     bytes_sent: int  # by this rank, per call of the graph
     carried: bool  # whether its result is state for the next step
+
+
+@dataclass(frozen=True)
+class Payload:
+    """The tensor a rank hands one exchange (its local shape and dtype), known when the graph is built."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def form_for(kind: str, ctx: PassContext, phase: str | None = None) -> Form:
@@ -95,6 +104,15 @@ def _nbytes(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.numel() * t.element_size()
 
 
+def trace_into(graph: Graph, fn: Callable[..., Any], *args: Any) -> Any:
+    """Insert the torch ops ``fn`` performs on ``args`` at ``graph``'s insert point; return the node(s)
+    of its result. Nodes in ``args``, alone or in lists, become proxies; other values stay constants."""
+    tracer = GraphAppendingTracer(graph)
+    proxy = lambda a: Proxy(a, tracer) if isinstance(a, Node) else a  # noqa: E731
+    out = fn(*[[proxy(x) for x in a] if isinstance(a, list) else proxy(a) for a in args])
+    return tuple(o.node for o in out) if isinstance(out, tuple) else out.node
+
+
 class Builder:
     """Appends nodes to a new per-rank graph; remembers the old-to-new node map and exchanges."""
 
@@ -124,12 +142,7 @@ class Builder:
 
     def trace(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Append the torch ops ``fn`` performs on ``args`` (nodes become proxies) to the graph."""
-        tracer = GraphAppendingTracer(self.graph)
-        wrapped = [Proxy(a, tracer) if isinstance(a, Node) else a for a in args]
-        out = fn(*wrapped)
-        if isinstance(out, tuple):
-            return tuple(o.node for o in out)
-        return out.node
+        return trace_into(self.graph, fn, *args)
 
     def tag_new_nodes(self) -> None:
         """Mark nodes appended since the last call with the old node they implement."""
@@ -189,13 +202,14 @@ class Builder:
     # -- exchanges ---------------------------------------------------------------------------
     def exchange(
         self, name: str, kind: str, start: Callable[..., Any], args: tuple, nbytes: int,
-        dtype: torch.dtype | None = None,
+        payload: Payload | None = None,
     ) -> tuple[Node | None, Node | None]:
         """Emit one exchange in the form this graph needs; return ``(fresh now, stale)`` nodes.
 
         In SYNC form the first is the fresh result; in STALE form the second is the previous
         step's result (a new graph input) and the fresh one becomes a graph output; in NONE form
-        both are None. ``nbytes`` is what this rank sends of values of ``dtype``, for the plan.
+        both are None. ``nbytes`` is what this rank sends of ``payload`` (the tensor in ``args``),
+        for the plan; a stale start records ``payload`` for the coalescing pass.
         A carried exchange of ``ctx.stale_dtype`` keeps its state in that dtype; its stale form
         also sends in it, while a synchronous (warm-up) exchange stays exact. With
         ``ctx.extrapolate`` the stale form also reads the value of the step before (state
@@ -203,6 +217,7 @@ class Builder:
         """
         form = form_for(kind, self.ctx)
         carried = form is not Form.NONE and is_carried(kind, self.ctx)
+        dtype = payload.dtype if payload is not None else None
         wire = wire_dtype(kind, self.ctx, dtype) if carried else None
         if wire is not None and form is Form.STALE:
             nbytes = nbytes * wire.itemsize // dtype.itemsize
@@ -222,7 +237,10 @@ class Builder:
                 self.state_out[name] = result if wire is None else self._cast(result, wire)
             return result, None
         sent = {} if wire is None else {"dtype": dtype_name(wire)}
-        self.state_out[name] = self.call(ops.wait, (self.call(start, (self.comm, *args), sent),))
+        started = self.call(start, (self.comm, *args), sent)
+        if payload is not None:
+            started.meta[META_PAYLOAD] = payload
+        self.state_out[name] = self.call(ops.wait, (started,))
         read_as = None if wire is None else dtype  # kept narrower: cast back where it is read
         stale = self._stale_input(name, f"stale_{name}", read_as)
         if self.ctx.extrapolate and kind in EXTRAPOLATED:

@@ -6,6 +6,8 @@ becomes ordinary graph nodes there. Shapes they need are passed as Python ints (
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +20,10 @@ __all__ = [
     "group_norm_apply",
     "splice_own",
     "halo_split",
+    "pack",
+    "unpack_gathered",
+    "pack_rows",
+    "unpack_rows",
 ]
 
 
@@ -128,3 +134,60 @@ def splice_own(
 def halo_split(rows: torch.Tensor, dim: int, before: int, after: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the ``[previous patch rows; next patch rows]`` tensor of a halo exchange."""
     return rows.narrow(dim, 0, before), rows.narrow(dim, before, after)
+
+
+def _rows_shape(shape: Sequence[int], dim: int, rows: int) -> list[int]:
+    """``shape`` with ``rows`` along ``dim``."""
+    out = list(shape)
+    out[dim] = rows
+    return out
+
+
+def pack(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``parts`` flattened and concatenated into one 1-D tensor: a bucket of exchanges."""
+    return torch.cat([p.reshape(-1) for p in parts])
+
+
+def unpack_gathered(
+    flat: torch.Tensor, shapes: Sequence[tuple[int, ...]], dims: Sequence[int], world_size: int
+) -> tuple[torch.Tensor, ...]:
+    """Each member's all-gather result from a gathered bucket (every rank's :func:`pack`, in rank
+    order): member i's blocks, of ``shapes[i]``, concatenated along ``dims[i]`` in rank order."""
+    ranks = flat.view(world_size, -1)
+    out, offset = [], 0
+    for shape, dim in zip(shapes, dims):
+        size = math.prod(shape)
+        blocks = ranks.narrow(1, offset, size).reshape(world_size, *shape)
+        # contiguous, like the unpacked exchange's result: a compiled segment reading it is specialized to its strides
+        out.append(blocks.movedim(0, dim).reshape(_rows_shape(shape, dim, shape[dim] * world_size)).contiguous())
+        offset += size
+    return tuple(out)
+
+
+def pack_rows(
+    xs: Sequence[torch.Tensor], shapes: Sequence[tuple[int, ...]], dims: Sequence[int],
+    befores: Sequence[int], afters: Sequence[int],
+) -> torch.Tensor:
+    """A bucket of halo exchanges, flat: ``[first afters[i] rows of each x (for the previous rank);
+    last befores[i] rows of each x (for the next rank)]``."""
+    to_previous = [x.narrow(d, 0, a) for x, d, a in zip(xs, dims, afters)]
+    to_next = [x.narrow(d, shape[d] - b, b) for x, shape, d, b in zip(xs, shapes, dims, befores)]
+    return pack(to_previous + to_next)
+
+
+def unpack_rows(
+    received: torch.Tensor, shapes: Sequence[tuple[int, ...]], dims: Sequence[int],
+    befores: Sequence[int], afters: Sequence[int],
+) -> tuple[torch.Tensor, ...]:
+    """Each member's halo exchange result, ``cat([previous patch's last rows, next patch's first
+    rows], dim)``, from a bucket's received ``[previous rank's rows for its next; next rank's rows
+    for its previous]`` (the two halves of what each neighbour's :func:`pack_rows` sent)."""
+    previous = [_rows_shape(s, d, b) for s, d, b in zip(shapes, dims, befores)]
+    following = [_rows_shape(s, d, a) for s, d, a in zip(shapes, dims, afters)]
+    parts, offset = [], 0
+    for shape in previous + following:  # narrow, not split: ONNX's SplitToSequence takes no bfloat16
+        size = math.prod(shape)
+        parts.append(received.narrow(0, offset, size).view(shape))
+        offset += size
+    n = len(shapes)
+    return tuple(torch.cat([parts[i], parts[n + i]], dims[i]) for i in range(n))

@@ -45,13 +45,15 @@ class PassContext:
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges travel in this
     extrapolate: float = 0.0  # stale values extrapolated from the last two steps by this fraction
     fresh: tuple[str, ...] = ()  # exchange kinds a stale graph still does synchronously
+    bucket_bytes: int = 0  # stale exchanges coalesced into collectives of up to this many bytes (0: off)
 
     @classmethod
     def for_config(cls, config: ParallelConfig, rank: int, phase: str, name: str) -> PassContext:
         """The context of rank ``rank``'s ``phase`` graph under ``config``'s options."""
         return cls(rank=rank, world_size=config.world_size, phase=phase, gn_variant=config.gn_variant,
                    kv_exchange=config.kv_exchange, name=name, stale_dtype=config.stale_dtype,
-                   extrapolate=float(config.extrapolate), fresh=config.fresh)
+                   extrapolate=float(config.extrapolate), fresh=config.fresh,
+                   bucket_bytes=int(config.bucket_mb * 2**20))
 
 
 @dataclass(frozen=True)

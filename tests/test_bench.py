@@ -639,3 +639,34 @@ def test_stale_option_findings_compare_each_option_with_the_default_stale_run():
         "GN sync and stale values extrapolated by 0.5 and halo exchanges kept synchronous: 1.85x against 2.00x; 1.0 MiB "
         "sent per rank per step (against 1.0), stale buffers 88.0 MiB (against 48.0); the rank's other threads used "
         "0.010 s of CPU per step (against 0.010)."]
+
+
+def test_a_bucketed_run_is_labelled_and_compared_with_one_collective_per_exchange():
+    from distrifx.report import _find, _stale_option_findings, _target_lines
+
+    assert BenchCase(bucket_mb=8).label == "sd15-half 64x64 b1 N=2 stale buckets 8 MiB"
+    assert BenchCase(mode="sync", bucket_mb=8).label == "sd15-half 64x64 b1 N=2 sync"  # only stale graphs pack
+
+    def run(step_s, collectives, background_s, **options):
+        result = _speed_result("stale", 2, step_s)
+        result["case"].update(model="sd15-half", **options)
+        return {**result, "bytes_sent_per_step": 24 * 2**20, "state_bytes": 48 * 2**20,
+                "background_cpu_s": background_s, "exchanges": {"blocking": [1, 0], "overlapped": [collectives, 0]}}
+
+    default, packed = run(2.5, 144, 0.033), run(2.4, 4, 0.015, bucket_mb=8)
+    assert _find([packed, default], "stale", 2) is default  # the default run is the one without buckets
+    assert _stale_option_findings([default, packed], default) == [
+        "stale exchanges sent in buckets of 8 MiB: 2.08x against 2.00x; 5 collectives per step (against 145); "
+        "24.0 MiB sent per rank per step (against 24.0), stale buffers 48.0 MiB (against 48.0); the rank's other "
+        "threads used 0.015 s of CPU per step (against 0.033)."]
+    # the same values, so the target counts the faster: here only the packed run reaches it
+    slow = run(3.0, 144, 0.033)
+    (verdict,) = _target_lines("t", [slow, packed], "t", None)
+    assert verdict == ("Target: 2-rank stale at least 1.9x here: **met** (1.67x; the same values sent in buckets of "
+                       "8 MiB: 2.08x).")
+    # a rank timed alone against the default rank alone
+    alone, packed_alone = ({**run(step, n, 0.0, projected=True, **extra), "peak_bytes": 2**30}
+                           for step, n, extra in ((2.5, 144, {}), (2.0, 2, {"bucket_mb": 8})))
+    assert _stale_option_findings([alone, packed_alone], None, alone) == [
+        "stale exchanges sent in buckets of 8 MiB, one rank timed alone: 2.000 s per step against 2.500 s, 2.50x over "
+        "the unmodified model against 2.00x; 3 collectives per step (against 145); peak memory 1.00 GiB (against 1.00)."]

@@ -51,7 +51,8 @@ def test_generate_on_the_embedded_default_writes_a_png(tmp_path):
     stdout = _distrifx("generate", "--prompt", "red circle", "--world-size", "2", "--steps", "6",
                        "--warmup-steps", "2", "--warmup-fraction", "0.3", "--cfg-parallel", "off", "--height", "64",
                        "--width", "64",
-                       "--extrapolate", "0.5", "--fresh", "halo", "--threads-per-rank", "1", "--out", str(out))
+                       "--extrapolate", "0.5", "--fresh", "halo", "--bucket-mb", "1", "--threads-per-rank", "1",
+                       "--out", str(out))
     assert f"wrote {out} (64x64) with 2 rank(s), mode=stale" in stdout
     image = Image.open(out)
     assert image.size == (64, 64) and image.mode == "RGB"

@@ -43,6 +43,8 @@ def test_world_size_differs_from_simulated_group():
         ({"extrapolate": True}, "extrapolate=True must be a number in [0, 1]"),
         ({"warmup_fraction": 1.0}, "warmup_fraction=1.0 must be a number in [0, 1)"),
         ({"warmup_fraction": "30%"}, "warmup_fraction='30%' must be a number in [0, 1)"),
+        ({"bucket_mb": -1}, "bucket_mb=-1 must be a number >= 0"),
+        ({"bucket_mb": True}, "bucket_mb=True must be a number >= 0"),
         ({"fresh": ["conv"]}, "fresh=['conv'] is not valid: give the exchanges stale mode keeps synchronous as a "
                               "sequence of 'halo', 'kv', e.g. fresh=('halo',)."),
         ({"fresh": ("gn",)}, "(GroupNorm statistics are kept synchronous with gn_variant='sync')"),

@@ -181,7 +181,7 @@ def test_an_export_written_before_an_option_existed_reads_as_compiled_with_its_d
     manifest["options"] = {k: v for k, v in manifest["options"].items() if k not in OPTIONS_ADDED}
     (old / MANIFEST).write_text(json.dumps(manifest))
     assert read_manifest(old)["options"] == {**manifest["options"], "extrapolate": 0.0, "fresh": [],
-                                             "warmup_fraction": 0.0}
+                                             "warmup_fraction": 0.0, "bucket_mb": 0.0}
 
 
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
@@ -190,7 +190,8 @@ def test_manifest_describes_versions_inputs_files_and_every_ranks_program(export
     assert manifest["format"] == "pt2" and manifest["world_size"] == 2
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
     assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "warmup_fraction": 0.0, "gn_variant": "corrected",
-                                   "kv_exchange": "auto", "stale_dtype": None, "extrapolate": 0.0, "fresh": []}
+                                   "kv_exchange": "auto", "stale_dtype": None, "extrapolate": 0.0, "fresh": [],
+                                   "bucket_mb": 0.0}
     assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
     assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"

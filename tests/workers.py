@@ -81,3 +81,14 @@ def dit_sync_vs_eager(name: str) -> float:
         expected = model(**kwargs).sample
         got = distrifx.parallelize(model, dist.get_world_size(), mode="sync")(**kwargs).sample
     return float((got - expected).abs().max())
+
+
+def stale_outputs(name: str, bucket_mb: float) -> list:
+    """This rank's outputs (as lists) over four stale-mode steps, one of them warm-up, with stale
+    exchanges sent in buckets of ``bucket_mb`` MiB."""
+    unet = random_unet(name)
+    (sample, _), kwargs = unet_inputs(unet)
+    pmodel = distrifx.parallelize(unet, dist.get_world_size(), mode="stale", warmup_steps=1, bucket_mb=bucket_mb)
+    with torch.no_grad():
+        return [pmodel(sample + 0.05 * i, torch.tensor(t), **kwargs).sample.tolist()
+                for i, t in enumerate((900, 800, 700, 600))]
