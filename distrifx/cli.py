@@ -77,7 +77,7 @@ def _add_stale_options(p: argparse.ArgumentParser, unset: bool = False) -> None:
                         "--gn-variant sync leaves only keys/values stale, measured in docs/benchmarks.md)")
     p.add_argument("--bucket-mb", type=float, default=None if unset else 0.0,
                    help="send stale mode's exchanges in collectives of up to this many MiB instead of one each "
-                        "(default 0: one each; 4 is measured in docs/benchmarks.md)")
+                        "(default 0: one each; 2 and 8 are measured in docs/benchmarks.md)")
 
 
 def _stale_dtypes(p: argparse.ArgumentParser) -> None:

@@ -3,7 +3,7 @@
 Contract: runs after ``schedule``, on stale graphs, when ``ctx.bucket_bytes`` > 0. A stale exchange
 (a start whose wait's only user is the graph output: its value is state for the next step) may
 wait for other exchanges without changing what the next step reads. The pass packs consecutive
-stale exchanges of one collective and wire dtype into a flat bucket until it holds
+stale exchanges of one collective, dtype and wire dtype into a flat bucket until it holds
 ``ctx.bucket_bytes``; one collective sends the bucket right after the last member's start, and
 its wait, at the end of the graph like theirs, is unpacked into each member's value: bit for bit
 what the member's own exchange returned. Bucket boundaries depend only on payload shapes, equal
@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+import torch
 from torch.fx import GraphModule, Node
 
 from distrifx.config import STALE_DTYPES
@@ -32,21 +33,21 @@ __all__ = ["coalesce", "Bucket", "buckets"]
 
 @dataclass
 class Bucket:
-    """Stale exchanges sent together: one collective (``target``), one wire dtype."""
+    """Stale exchanges sent together: one collective (``target``), one dtype, one wire dtype."""
 
     target: object
     wire: str | None  # the dtype name the members travel in, None: their own
+    dtype: torch.dtype  # the members' own (GroupNorm statistics are float32 in a half-precision model)
     starts: list[Node] = field(default_factory=list)
     nbytes: int = 0
 
     def sent_bytes(self, start: Node) -> int:
         """Bytes ``start`` hands its collective: the whole payload, or the halo rows of its two sides."""
-        payload = _payload(start)
-        itemsize = (STALE_DTYPES[self.wire] if self.wire else payload.dtype).itemsize
+        itemsize = (STALE_DTYPES[self.wire] if self.wire else self.dtype).itemsize
         if self.target is ops.neighbour_rows_start:
             _, _, _, before, after = start.args
             return _row_size(start) * (before + after) * itemsize
-        return math.prod(payload.shape) * itemsize
+        return math.prod(_payload(start).shape) * itemsize
 
 
 def _payload(start: Node) -> Payload:
@@ -72,7 +73,7 @@ def buckets(gm: GraphModule, bucket_bytes: int) -> list[Bucket]:
     done: list[Bucket] = []
     open_: dict[tuple, Bucket] = {}
     for start in _stale_starts(gm):
-        key = (start.target, start.kwargs.get("dtype"))
+        key = (start.target, start.kwargs.get("dtype"), _payload(start).dtype)
         bucket = open_.setdefault(key, Bucket(*key))
         bucket.starts.append(start)
         bucket.nbytes += bucket.sent_bytes(start)

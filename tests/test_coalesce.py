@@ -12,7 +12,7 @@ from distrifx.backends import segments, split_segments
 from distrifx.export import MANIFEST
 from distrifx.models import random_unet, unet_inputs
 from distrifx.passes import Phase, collective_order
-from distrifx.passes.builder import Form
+from distrifx.passes.builder import META_PAYLOAD, Form
 from distrifx.passes.coalesce import buckets
 from distrifx.runtime.ops import is_start
 from tests import workers
@@ -58,6 +58,18 @@ def test_buckets_send_the_same_values_in_fewer_collectives(sd15, world_size, sta
     assert counts[64.0][1] == (3 if stale_dtype else 2) + 1
 
 
+def test_a_half_precision_model_packs_its_float32_statistics_apart_and_reads_the_same_values():
+    unet = random_unet("sd15", **ONE_LEVEL_SD15).to(torch.bfloat16)
+    (sample, _), kwargs = unet_inputs(unet)
+    kwargs = {k: v.to(torch.bfloat16) for k, v in kwargs.items()}
+    samples = [(sample * (1 - 0.1 * i)).to(torch.bfloat16) for i in range(len(TIMESTEPS))]
+    packed, plain = (_run(unet, 2, samples, kwargs, bucket_mb=mb) for mb in (64.0, 0.0))
+    for got, want in zip(packed, plain, strict=True):
+        for (out, n), (ref, _) in zip(got, want, strict=True):
+            assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
+    assert packed[0][-1][1] == 3 + 1  # statistics (float32), K/V and halo rows (bfloat16), the output gather
+
+
 def test_bucket_boundaries_depend_on_shapes_alone_and_keep_each_bucket_under_its_cap(sd15):
     unet, samples, kwargs = sd15
     cap = int(SMALL_MB * 2**20)
@@ -69,7 +81,8 @@ def test_bucket_boundaries_depend_on_shapes_alone_and_keep_each_bucket_under_its
         per_rank.append([(b.target.__name__, b.wire, [s.name for s in b.starts], b.nbytes) for b in made])
         assert sum(len(b.starts) for b in made) == sum(s.form is Form.STALE for s in plan.sites(Phase.STALE))
         for b in made:
-            assert {(s.target, s.kwargs.get("dtype")) for s in b.starts} == {(b.target, b.wire)}
+            assert {(s.target, s.kwargs.get("dtype"), s.meta[META_PAYLOAD].dtype) for s in b.starts} == {
+                (b.target, b.wire, b.dtype)}
             assert b.nbytes - b.sent_bytes(b.starts[-1]) < cap  # closed by its last member, not before
         assert {b.wire for b in made} == {None, "bfloat16"}  # GroupNorm statistics travel apart from K/V
     assert all(r == per_rank[0] for r in per_rank)
