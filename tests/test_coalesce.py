@@ -65,7 +65,7 @@ def test_a_half_precision_model_packs_its_float32_statistics_apart_and_reads_the
     samples = [(sample * (1 - 0.1 * i)).to(torch.bfloat16) for i in range(len(TIMESTEPS))]
     packed, plain = (_run(unet, 2, samples, kwargs, bucket_mb=mb) for mb in (64.0, 0.0))
     for got, want in zip(packed, plain, strict=True):
-        for (out, n), (ref, _) in zip(got, want, strict=True):
+        for (out, _), (ref, _) in zip(got, want, strict=True):
             assert out.dtype == torch.bfloat16 and torch.equal(out, ref)
     assert packed[0][-1][1] == 3 + 1  # statistics (float32), K/V and halo rows (bfloat16), the output gather
 
