@@ -138,8 +138,8 @@ def projected_step(compute_s: float, exchanges: dict[str, list[int]], link: Link
 def _exchanges(program: Any, phase: str) -> dict[str, list[int]]:
     """``[count, bytes]`` of a graph's blocking and overlapped exchanges, from its plan; counted in
     collectives, so a bucket of stale exchanges (``bucket_mb``) counts once."""
+    from distrifx.inspect import graph_collectives
     from distrifx.passes.builder import Form
-    from distrifx.runtime.ops import is_start
 
     out = {"blocking": [0, 0], "overlapped": [0, 0]}
     for site in program.sites(phase):
@@ -147,7 +147,7 @@ def _exchanges(program: Any, phase: str) -> dict[str, list[int]]:
             entry = out["blocking" if site.form is Form.SYNC else "overlapped"]
             entry[0] += 1
             entry[1] += site.bytes_sent
-    out["overlapped"][0] = sum(map(is_start, program.graphs[phase].graph.nodes)) - out["blocking"][0]
+    out["overlapped"][0] = graph_collectives(program.graphs[phase]) - out["blocking"][0]
     return out
 
 

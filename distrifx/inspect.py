@@ -22,7 +22,7 @@ from distrifx.passes.builder import ExchangeSite
 from distrifx.runtime.ops import is_start, is_wait
 from distrifx.runtime.program import phases_for
 
-__all__ = ["Plan", "explain", "collective_timeline", "graph_calls"]
+__all__ = ["Plan", "explain", "collective_timeline", "graph_calls", "graph_collectives"]
 
 
 def collective_timeline(gm: GraphModule) -> str:
@@ -48,6 +48,11 @@ def graph_calls(gm: GraphModule) -> int:
     return sum(node.op in ("call_function", "call_method") for node in gm.graph.nodes)
 
 
+def graph_collectives(gm: GraphModule) -> int:
+    """Collectives ``gm`` starts per run: fewer than its exchanges when buckets (``bucket_mb``) pack them."""
+    return sum(map(is_start, gm.graph.nodes))
+
+
 @dataclass(frozen=True)
 class Plan:
     """One rank's compiled graphs for one input signature, by phase."""
@@ -68,8 +73,8 @@ class Plan:
         return graph_calls(self.graphs[phase])
 
     def collectives(self, phase: str) -> int:
-        """Collectives ``phase``'s graph starts per step (fewer than its exchanges when buckets pack them)."""
-        return sum(is_start(node) for node in self.graphs[phase].graph.nodes)
+        """Collectives ``phase``'s graph starts per step (:func:`graph_collectives`)."""
+        return graph_collectives(self.graphs[phase])
 
     def bytes_by_kind(self, phase: str) -> dict[str, tuple[int, int]]:
         """``{kind: (exchanges, bytes this rank sends per step)}`` for ``phase``."""

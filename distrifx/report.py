@@ -206,23 +206,26 @@ def _verdict(met: bool) -> str:
     return "**met**" if met else "**not met**"
 
 
+def _plain(result: dict[str, Any], mode: str, world: int, projected: bool = False, transport: bool = True,
+           but: tuple[str, ...] = ()) -> bool:
+    """Whether ``result`` is ``mode`` at ``world`` ranks with stale mode's defaults (corrected GroupNorm,
+    exchanges in the activations' dtype, not extrapolated, none kept synchronous, one collective each,
+    the whole batch patch-parallel), the options named in ``but`` aside."""
+    c = result["case"]
+    return (c["mode"] == mode and c["world_size"] == world and c["projected"] == projected
+            and c["transport"] == transport and c["gn_variant"] == "corrected"
+            and not any(c.get(option) for option in (*_BENCH_OPTIONS, "cfg_parallel") if option not in but))
+
+
 def _find(results: list[dict[str, Any]], mode: str, world: int, projected: bool = False,
           transport: bool = True) -> dict[str, Any] | None:
-    """The result of ``mode`` at ``world`` ranks, stale mode with its defaults (corrected GroupNorm,
-    exchanges in the activations' dtype, not extrapolated, none kept synchronous, the whole batch
-    patch-parallel)."""
-    return next((r for r in results if r["case"]["mode"] == mode and r["case"]["world_size"] == world
-                 and r["case"]["projected"] == projected and r["case"]["transport"] == transport
-                 and r["case"]["gn_variant"] == "corrected"
-                 and not any(r["case"].get(option) for option in (*_BENCH_OPTIONS, "cfg_parallel"))), None)
+    """The result of ``mode`` at ``world`` ranks with stale mode's defaults (:func:`_plain`)."""
+    return next((r for r in results if _plain(r, mode, world, projected, transport)), None)
 
 
 def _packed(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """2-rank stale runs of the defaults but for buckets (``bucket_mb``): the default's values, sent packed."""
-    return [r for r in results if r["case"]["mode"] == "stale" and r["case"]["world_size"] == 2
-            and r["case"].get("bucket_mb") and not r["case"]["projected"] and r["case"]["transport"]
-            and r["case"]["gn_variant"] == "corrected"
-            and not any(r["case"].get(option) for option in (*_STALE_OPTIONS, "cfg_parallel"))]
+    return [r for r in results if r["case"].get("bucket_mb") and _plain(r, "stale", 2, but=("bucket_mb",))]
 
 
 def _rounds(results: list[dict[str, Any]]) -> int:
