@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +19,7 @@ from distrifx.passes.spec import Placement, Shard
 from distrifx.runtime import ops
 
 __all__ = ["Form", "ExchangeSite", "Payload", "Builder", "META_ORIGIN", "META_PAYLOAD", "form_for", "is_carried",
-           "gather_bytes", "wire_dtype", "older", "trace_into"]
+           "wire_dtype", "older", "trace_into"]
 
 META_ORIGIN = "distrifx.origin"
 META_PAYLOAD = "distrifx.payload"  # on a stale exchange's start: the Payload it sends
@@ -51,6 +52,20 @@ class Payload:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+    @classmethod
+    def of(cls, old: Node, dim: int, rows: int) -> Payload:
+        """What a rank hands an exchange of ``old``'s value: its global shape with ``rows`` along ``dim``."""
+        value = old.meta["val"]
+        return cls(tuple(rows if d == dim else int(s) for d, s in enumerate(value.shape)), value.dtype)
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def row_numel(self, dim: int) -> int:
+        """Elements in one row along ``dim`` (what a halo exchange sends per row)."""
+        return self.numel // self.shape[dim]
 
 
 def form_for(kind: str, ctx: PassContext, phase: str | None = None) -> Form:
@@ -93,15 +108,6 @@ def wire_dtype(kind: str, ctx: PassContext, dtype: torch.dtype | None) -> torch.
 def older(name: str) -> str:
     """The state name of carried exchange ``name``'s value one step before the last (extrapolation)."""
     return f"{name}@older"
-
-
-def gather_bytes(global_value: torch.Tensor, world_size: int) -> int:
-    """Bytes one rank sends in an all-gather of its 1/N block of ``global_value`` (to N-1 peers)."""
-    return _nbytes(global_value) // world_size * (world_size - 1)
-
-
-def _nbytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
 
 
 def trace_into(graph: Graph, fn: Callable[..., Any], *args: Any) -> Any:
@@ -185,8 +191,9 @@ class Builder:
     def gather(self, name: str, kind: str, new: Node, old: Node, shard: Shard) -> Node:
         """The full value of ``old`` on every rank: the sharded blocks all-gathered (synchronously)."""
         head, block, tail = self.split_segment(new, old, shard)
-        nbytes = gather_bytes(old.meta["val"], self.ctx.world_size)
-        gathered = self.exchange(name, kind, ops.all_gather_start, (block, shard.dim), nbytes)[0]
+        rows = shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size)
+        gathered = self.exchange(name, kind, ops.all_gather_start, (block, shard.dim),
+                                 Payload.of(old, shard.dim, rows))[0]
         return self.join_segment(head, gathered, tail, shard.dim)
 
     def redistribute(self, old: Node, new: Node, have: Placement, want: Placement) -> Node:
@@ -201,15 +208,14 @@ class Builder:
 
     # -- exchanges ---------------------------------------------------------------------------
     def exchange(
-        self, name: str, kind: str, start: Callable[..., Any], args: tuple, nbytes: int,
-        payload: Payload | None = None,
+        self, name: str, kind: str, start: Callable[..., Any], args: tuple, payload: Payload,
     ) -> tuple[Node | None, Node | None]:
         """Emit one exchange in the form this graph needs; return ``(fresh now, stale)`` nodes.
 
         In SYNC form the first is the fresh result; in STALE form the second is the previous
         step's result (a new graph input) and the fresh one becomes a graph output; in NONE form
-        both are None. ``nbytes`` is what this rank sends of ``payload`` (the tensor in ``args``),
-        for the plan; a stale start records ``payload`` for the coalescing pass.
+        both are None. ``payload`` describes the tensor in ``args`` (the plan's bytes follow from
+        it); a stale start records it for the coalescing pass.
         A carried exchange of ``ctx.stale_dtype`` keeps its state in that dtype; its stale form
         also sends in it, while a synchronous (warm-up) exchange stays exact. With
         ``ctx.extrapolate`` the stale form also reads the value of the step before (state
@@ -217,16 +223,14 @@ class Builder:
         """
         form = form_for(kind, self.ctx)
         carried = form is not Form.NONE and is_carried(kind, self.ctx)
-        dtype = payload.dtype if payload is not None else None
-        wire = wire_dtype(kind, self.ctx, dtype) if carried else None
-        if wire is not None and form is Form.STALE:
-            nbytes = nbytes * wire.itemsize // dtype.itemsize
+        wire = wire_dtype(kind, self.ctx, payload.dtype) if carried else None
+        sent_as = wire if wire is not None and form is Form.STALE else payload.dtype
         self.sites.append(ExchangeSite(
             name=name,
             kind=kind,
             module=module_path(self.origin) if self.origin is not None else "<output>",
             form=form,
-            bytes_sent=0 if form is Form.NONE else nbytes,
+            bytes_sent=0 if form is Form.NONE else self._sent(start, args, payload) * sent_as.itemsize,
             carried=carried,
         ))
         if form is Form.NONE:
@@ -238,15 +242,23 @@ class Builder:
             return result, None
         sent = {} if wire is None else {"dtype": dtype_name(wire)}
         started = self.call(start, (self.comm, *args), sent)
-        if payload is not None:
-            started.meta[META_PAYLOAD] = payload
+        started.meta[META_PAYLOAD] = payload
         self.state_out[name] = self.call(ops.wait, (started,))
-        read_as = None if wire is None else dtype  # kept narrower: cast back where it is read
+        read_as = None if wire is None else payload.dtype  # kept narrower: cast back where it is read
         stale = self._stale_input(name, f"stale_{name}", read_as)
         if self.ctx.extrapolate and kind in EXTRAPOLATED:
             older_value = self._stale_input(older(name), f"older_{name}", read_as)
             stale = self.call(aten.lerp.Scalar, (older_value, stale, 1.0 + self.ctx.extrapolate))
         return None, stale
+
+    def _sent(self, start: Callable[..., Any], args: tuple, payload: Payload) -> int:
+        """Elements this rank sends in one call of collective ``start``: its payload to each of the
+        N-1 others (all-gather), or its edge rows to the neighbours it has (halo)."""
+        rank, world = self.ctx.rank, self.ctx.world_size
+        if start is ops.neighbour_rows_start:
+            _, dim, before, after = args
+            return payload.row_numel(dim) * (before * (rank + 1 < world) + after * (rank > 0))
+        return payload.numel * (world - 1)
 
     def _stale_input(self, key: str, label: str, dtype: torch.dtype | None) -> Node:
         """Carried state ``key`` as a graph input named ``label`` (cast to ``dtype`` if kept narrower)."""

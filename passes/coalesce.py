@@ -16,7 +16,6 @@ UNet step makes about 145 exchanges.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -45,19 +44,13 @@ class Bucket:
         """Bytes ``start`` hands its collective: the whole payload, or the halo rows of its two sides."""
         itemsize = (STALE_DTYPES[self.wire] if self.wire else self.dtype).itemsize
         if self.target is ops.neighbour_rows_start:
-            _, _, _, before, after = start.args
-            return _row_size(start) * (before + after) * itemsize
-        return math.prod(_payload(start).shape) * itemsize
+            _, _, dim, before, after = start.args
+            return _payload(start).row_numel(dim) * (before + after) * itemsize
+        return _payload(start).numel * itemsize
 
 
 def _payload(start: Node) -> Payload:
     return start.meta[META_PAYLOAD]
-
-
-def _row_size(start: Node) -> int:
-    """Elements in one row of a halo exchange's payload (along the exchange's dim)."""
-    shape, dim = _payload(start).shape, start.args[2]
-    return math.prod(shape) // shape[dim]
 
 
 def _stale_starts(gm: GraphModule) -> list[Node]:
@@ -97,7 +90,7 @@ def _rewrite(gm: GraphModule, bucket: Bucket, index: int, world_size: int) -> No
     with graph.inserting_before(starts[-1].next):
         if halo:
             befores, afters = [s.args[3] for s in starts], [s.args[4] for s in starts]
-            rows = [_row_size(s) for s in starts]
+            rows = [_payload(s).row_numel(d) for s, d in zip(starts, dims)]
             packed = trace_into(graph, kernels.pack_rows, xs, shapes, dims, befores, afters)
             to_next = sum(r * b for r, b in zip(rows, befores))
             to_previous = sum(r * a for r, a in zip(rows, afters))

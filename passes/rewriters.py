@@ -19,7 +19,7 @@ from torch.fx import map_arg
 
 from distrifx.config import GNVariant, KVExchange
 from distrifx.passes import kernels
-from distrifx.passes.builder import Builder, Form, Payload, form_for, gather_bytes
+from distrifx.passes.builder import Builder, Form, Payload, form_for
 from distrifx.passes.kv_source import FLOPS_PER_BYTE, KVSource, find_kv_source, prefer_hidden
 from distrifx.passes.rules.registry import add_unique, global_shape, placement_of
 from distrifx.passes.spec import GatherKV, GlobalGroupNorm, HaloConv, Rewrite
@@ -64,10 +64,8 @@ def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) 
         before, after = rw.before, max(rw.after, 0)
         x_in = own
         if before or after:
-            row_bytes = _row_bytes(node.args[0], rw.dim)
             now, stale = b.exchange(f"halo_{node.name}", "halo", ops.neighbour_rows_start,
-                                    (x, rw.dim, before, after), row_bytes * (before + after),
-                                    _payload(node.args[0], rw.dim, local_rows))
+                                    (x, rw.dim, before, after), Payload.of(node.args[0], rw.dim, local_rows))
             rows = now if now is not None else stale
             if rows is None:  # naive: the patch border is zero-padded like the image border
                 x_in = b.call(aten.constant_pad_nd.default, (own, [0, 0, before, after]))
@@ -75,19 +73,6 @@ def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) 
                 prev, nxt = b.trace(kernels.halo_split, rows, rw.dim, before, after)
                 x_in = b.call(aten.cat.default, ([prev, own, nxt], rw.dim))
     return b.call(aten.conv2d.default, (x_in, w, bias, stride, [0, padding[1]], dilation, groups))
-
-
-def _payload(old: Node, dim: int, rows: int) -> Payload:
-    """What a rank hands an exchange of ``old``'s value: its global shape with ``rows`` along ``dim``."""
-    shape = list(global_shape(old))
-    shape[dim] = rows
-    return Payload(tuple(shape), old.meta["val"].dtype)
-
-
-def _row_bytes(x: Node, dim: int) -> int:
-    """Bytes of one row of ``x`` along ``dim`` (one halo row sent to a neighbour)."""
-    val = x.meta["val"]
-    return val.numel() // val.shape[dim] * val.element_size()
 
 
 @rewriter(GlobalGroupNorm)
@@ -98,8 +83,7 @@ def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs
     spec = kernels.GroupNormInput(batch=shape[0], channels=shape[1], spatial=math.prod(shape[2:]) // b.ctx.world_size,
                                   ndim=len(shape), groups=groups, eps=eps, dtype=node.meta["val"].dtype)
     stats = b.trace(kernels.group_stats, x, spec)
-    nbytes = spec.batch * groups * 2 * 4 * (b.ctx.world_size - 1)
-    now, stale = b.exchange(f"gn_{node.name}", "gn", ops.all_gather_start, (stats, 0), nbytes,
+    now, stale = b.exchange(f"gn_{node.name}", "gn", ops.all_gather_start, (stats, 0),
                             Payload((1, spec.batch, groups, 2), torch.float32))
     if stale is not None and b.ctx.gn_variant is GNVariant.CORRECTED:
         mean, var = b.trace(kernels.corrected_group_stats, stale, stats, b.ctx.rank)
@@ -112,10 +96,8 @@ def _gather_tokens(b: Builder, name: str, old: Node, new: Node, seq_dim: int) ->
     """All ranks' tokens of ``old`` in this phase's form: fresh, stale with this rank's fresh, or local."""
     shard = placement_of(old)
     head, block, tail = b.split_segment(new, old, shard)
-    nbytes = gather_bytes(old.meta["val"], b.ctx.world_size)
     size = shard.block(global_shape(old)[seq_dim], b.ctx.world_size)
-    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), nbytes,
-                            _payload(old, seq_dim, size))
+    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), Payload.of(old, seq_dim, size))
     if now is not None:
         middle = now
     elif stale is not None:

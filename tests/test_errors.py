@@ -132,3 +132,16 @@ def test_a_failing_simulated_rank_releases_the_others():
 
     with pytest.raises(ValueError, match="rank 1 broke"):
         distrifx.simulate(rank, 2, timeout_s=60)
+
+
+def test_ranks_called_with_the_same_nan_inputs_are_not_called_with_different_ones():
+    """A generation that diverged (NaN) on every rank is no seed mismatch; a real difference still is."""
+    from distrifx.runtime.comm import check_same_inputs
+
+    def rank(group):
+        check_same_inputs(group, [torch.tensor([1.0, float("nan")])], lambda: ["sample"])
+        check_same_inputs(group, [torch.tensor([1.0, float("nan")]), torch.tensor([float(group.rank)])],
+                          lambda: ["sample", "timestep"])
+
+    with pytest.raises(distrifx.DistrifxError, match=r"different values of \['timestep'\]"):
+        distrifx.simulate(rank, 2)

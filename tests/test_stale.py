@@ -230,6 +230,28 @@ def test_narrow_stale_exchanges_equal_a_reference_that_rounds_what_it_reads():
             assert step[torch.bfloat16] < 0.5 * step[None]
 
 
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_every_rank_sends_the_bytes_its_plan_says(world_size):
+    """The plan counts what this rank sends: the first and last patch have one halo neighbour."""
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 2)
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, world_size, mode="stale", warmup_steps=1, process_group=group)
+        counted = {}
+        for sample, t in zip(samples, TIMESTEPS):
+            pmodel(sample, torch.tensor(t), **kwargs)
+            counted[pmodel.last_phase] = pmodel.last_stats.bytes_sent
+        program = pmodel.program(samples[0], torch.tensor(TIMESTEPS[0]), **kwargs)
+        return counted, {phase: sum(s.bytes_sent for s in program.sites(phase)) for phase in counted}
+
+    ranks = distrifx.simulate(rank, world_size)
+    for counted, planned in ranks:
+        assert set(counted) == {"warmup", "stale"} and planned == counted
+    stale = [planned["stale"] for _, planned in ranks]
+    assert max(stale[0], stale[-1]) < min(stale[1:-1], default=float("inf"))
+
+
 def test_narrow_stale_exchanges_halve_bytes_and_state_and_leave_sync_exact():
     unet = random_unet("sd15")
     samples, kwargs = _inputs(unet, 3)

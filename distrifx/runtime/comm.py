@@ -317,7 +317,8 @@ def check_same_inputs(comm: Communicator, flat: Sequence[Any], names: Callable[[
     """Fail loudly if the ranks were called with different tensors (a different seed on one rank).
 
     Compares the sum and absolute sum of every tensor in ``flat`` across the ranks (one small
-    all-gather); ``names()`` names every leaf of ``flat`` and is called only to word the error.
+    all-gather); NaN equals NaN, so a generation that diverged on every rank runs on as the
+    unmodified model would. ``names()`` names every leaf of ``flat`` and is called only to word the error.
     """
     tensors = [i for i, x in enumerate(flat) if isinstance(x, torch.Tensor)]
     if comm.world_size == 1 or not tensors:
@@ -326,7 +327,8 @@ def check_same_inputs(comm: Communicator, flat: Sequence[Any], names: Callable[[
     mine = torch.stack([torch.stack([flat[i].double().sum(), flat[i].double().abs().sum()]).to(device)
                         for i in tensors])
     everyone = comm.all_gather(mine.unsqueeze(0), 0).wait()
-    differs = (everyone != everyone[0]).flatten(2).any(-1).any(0)
+    same = (everyone == everyone[0]) | (everyone.isnan() & everyone[0].isnan())
+    differs = (~same).flatten(2).any(-1).any(0)
     if differs.any():
         leaf_names = names()
         bad = [leaf_names[tensors[i]] for i in differs.nonzero().flatten().tolist()]
