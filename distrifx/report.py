@@ -247,11 +247,15 @@ def _model_line(results: list[dict[str, Any]]) -> str:
 
 def _compiled(results: list[dict[str, Any]]) -> str:
     """What the rows of each compiled backend ran, marked ``[backend]`` in their labels."""
+    backends = [backend for backend in _by_backend(results) if backend != "eager"]
+    on_cpu = results[0]["case"].get("device", "cpu") == "cpu"
     return "".join(
         f" Rows marked [{backend}] are compiled: their baseline is {_compile_call(backend)}, each "
         f"rank's graphs run with `backend={backend!r}` (compiled segments between collectives); the first call of "
-        "each phase compiles and is not timed."
-        for backend in _by_backend(results) if backend != "eager")
+        "each phase compiles and is not timed." for backend in backends) + (
+        " Their peak memory includes compiling in the process: the compiler's working memory grows with the "
+        "largest graph it compiles at once, and the allocators keep it resident afterwards (a program compiled "
+        "offline, `distrifx compile --format aoti`, does not compile where it runs)." if backends and on_cpu else "")
 
 
 def _compile_call(backend: str) -> str:

@@ -284,6 +284,7 @@ def test_each_backend_is_timed_against_its_own_model_and_the_report_sets_compile
     section = _speed_section("both", {"results": results, "command": "distrifx bench", "cpu_count": 2}, None)
     assert ("Rows marked [inductor] are compiled: their baseline is "
             "`torch.compile(unet, backend='inductor')` with inductor config `{'freezing': True}` on the CPU") in section
+    assert section.count("Their peak memory includes compiling in the process") == 1
     assert "- eager: N=2 stale: 2.00x over one rank" in section
     assert "- inductor: N=2 stale [inductor]: 2.00x over one rank" in section
     assert ("- inductor against eager in the same rounds: the compiled model takes 5.000 s per step, the eager model "
