@@ -191,10 +191,13 @@ class Builder:
     def gather(self, name: str, kind: str, new: Node, old: Node, shard: Shard) -> Node:
         """The full value of ``old`` on every rank: the sharded blocks all-gathered (synchronously)."""
         head, block, tail = self.split_segment(new, old, shard)
-        rows = shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size)
-        gathered = self.exchange(name, kind, ops.all_gather_start, (block, shard.dim),
-                                 Payload.of(old, shard.dim, rows))[0]
+        payload = self.block_payload(old, shard)
+        gathered = self.exchange(name, kind, ops.all_gather_start, (block, shard.dim), payload)[0]
         return self.join_segment(head, gathered, tail, shard.dim)
+
+    def block_payload(self, old: Node, shard: Shard) -> Payload:
+        """What a rank hands a gather of ``old``: its block of ``shard`` (head and tail excluded)."""
+        return Payload.of(old, shard.dim, shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size))
 
     def redistribute(self, old: Node, new: Node, have: Placement, want: Placement) -> Node:
         """Convert ``new`` (the rank's value of ``old``) from placement ``have`` to ``want``."""

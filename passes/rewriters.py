@@ -96,12 +96,13 @@ def _gather_tokens(b: Builder, name: str, old: Node, new: Node, seq_dim: int) ->
     """All ranks' tokens of ``old`` in this phase's form: fresh, stale with this rank's fresh, or local."""
     shard = placement_of(old)
     head, block, tail = b.split_segment(new, old, shard)
-    size = shard.block(global_shape(old)[seq_dim], b.ctx.world_size)
-    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), Payload.of(old, seq_dim, size))
+    payload = b.block_payload(old, shard)
+    now, stale = b.exchange(name, "kv", ops.all_gather_start, (block, seq_dim), payload)
     if now is not None:
         middle = now
     elif stale is not None:
-        middle = b.trace(kernels.splice_own, stale, block, seq_dim, b.ctx.rank, size, b.ctx.world_size)
+        middle = b.trace(kernels.splice_own, stale, block, seq_dim, b.ctx.rank, payload.shape[seq_dim],
+                         b.ctx.world_size)
     else:
         middle = block
     return b.join_segment(head, middle, tail, seq_dim)
