@@ -248,7 +248,7 @@ def _model_line(results: list[dict[str, Any]]) -> str:
 def _compiled(results: list[dict[str, Any]]) -> str:
     """What the rows of each compiled backend ran, marked ``[backend]`` in their labels."""
     backends = [backend for backend in _by_backend(results) if backend != "eager"]
-    on_cpu = results[0]["case"].get("device", "cpu") == "cpu"
+    on_cpu = all(r["case"].get("device", "cpu") == "cpu" for r in results)
     return "".join(
         f" Rows marked [{backend}] are compiled: their baseline is {_compile_call(backend)}, each "
         f"rank's graphs run with `backend={backend!r}` (compiled segments between collectives); the first call of "
