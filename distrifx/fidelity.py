@@ -65,16 +65,20 @@ def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch
                 generator=torch.Generator().manual_seed(seed), disable_progress=True).images
 
 
-def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, seed: int, size: int,
-                    steps: int) -> tuple[torch.Tensor, int]:
-    """Rank 0's image of ``case`` on simulated ranks, and how many of its steps were warm-up steps."""
+def _parallel_image(load: Callable[[], Any], unet: torch.nn.Module, case: FidelityCase, prompt: str, seed: int,
+                    size: int, steps: int) -> tuple[torch.Tensor, int]:
+    """Rank 0's image of ``case`` on simulated ranks, and how many of its steps were warm-up steps.
+
+    Every rank's pipeline (its own scheduler state) runs the one ``unet``: it is captured once, for
+    every rank and every case of a seed (``distrifx.capture`` caches by model).
+    """
     import distrifx
 
     pipes = [load() for _ in range(case.world_size)]
 
     def rank(group: Any) -> tuple[torch.Tensor, int]:
         pipe = pipes[group.rank]
-        pipe.unet = distrifx.parallelize(pipe.unet, case.world_size, mode=case.mode, cfg_parallel=False,
+        pipe.unet = distrifx.parallelize(unet, case.world_size, mode=case.mode, cfg_parallel=False,
                                          warmup_steps=case.warmup_steps, warmup_fraction=case.warmup_fraction,
                                          gn_variant=case.gn_variant, stale_dtype=case.stale_dtype,
                                          extrapolate=case.extrapolate, fresh=case.fresh, process_group=group)
@@ -86,10 +90,11 @@ def _parallel_image(load: Callable[[], Any], case: FidelityCase, prompt: str, se
 def _seed_results(load: Callable[[], Any], cases: Sequence[FidelityCase], seed: int, prompt: str, size: int,
                   steps: int) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
     """One seed's rows and images: the single-device reference, then every case against it."""
-    reference = _generate(load(), prompt, seed, size, steps)
+    pipe = load()
+    reference = _generate(pipe, prompt, seed, size, steps)
     rows, images = [], {"reference": reference}
     for case in cases:
-        image, warmup_calls = _parallel_image(load, case, prompt, seed, size, steps)
+        image, warmup_calls = _parallel_image(load, pipe.unet, case, prompt, seed, size, steps)
         images[case.label] = image
         rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt, "steps": steps,
                      "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference),
