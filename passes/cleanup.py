@@ -1,4 +1,4 @@
-"""Cleanup pass: drop dead nodes and leftover analysis metadata, lint, recompile.
+"""Cleanup pass: drop dead nodes and leftover analysis metadata, lint.
 
 Contract: runs last. Keeps every collective start whose wait is live; removes ``distrifx.*``
 analysis keys (the placement and decision of the global graph) from node metadata.
@@ -20,5 +20,4 @@ def cleanup(gm: GraphModule, ctx: PassContext) -> PassResult:
         node.meta.pop(META_DECISION, None)
         node.meta.pop(META_PLACEMENT, None)
     gm.graph.lint()
-    gm.recompile()
     return PassResult(gm, modified=modified)

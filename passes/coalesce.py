@@ -122,5 +122,4 @@ def coalesce(gm: GraphModule, ctx: PassContext) -> PassResult:
     for index, bucket in enumerate(merged):
         _rewrite(gm, bucket, index, ctx.world_size)
     gm.graph.lint()
-    gm.recompile()
     return PassResult(gm, modified=bool(merged))

@@ -1,5 +1,8 @@
 """Runs passes by name; a failure names the pass; graphs can be dumped before and after each.
 
+Passes edit ``gm.graph``; :func:`run_passes` regenerates the module's code once, after the last
+(a pass that edits a module others run, in place, recompiles it itself: ``simplify``).
+
 Set ``DISTRIFX_DUMP_DIR=/some/dir`` to write ``<graph>.<index>.<pass>.{before,after}.txt`` for every
 pass run (``rank`` and graph kind are part of ``<graph>``).
 """
@@ -95,4 +98,5 @@ def run_passes(
         except Exception as exc:
             raise DistrifxError(f"pass {name!r} failed on {ctx.name} (rank {ctx.rank}, {ctx.phase}): {exc}") from exc
         _dump(gm, ctx, index, name, "after")
+    gm.recompile()
     return gm
