@@ -428,6 +428,22 @@ def test_fidelity_seeds_spread_over_processes_give_the_rows_and_images_of_one_pr
             torch.testing.assert_close(spread, image, atol=1e-2, rtol=0)
 
 
+def test_fidelity_captures_the_model_once_for_every_case_and_rank_of_a_seed(monkeypatch):
+    """One export per seed: the reference's UNet runs on every rank of every case (and the naive case
+    against the stale one still differs: each case builds its own rank graphs)."""
+    import distrifx.capture.export as capture_export
+    from distrifx.default_model import load_default_pipeline
+    from distrifx.fidelity import run_fidelity
+
+    exports = []
+    real_export = capture_export._export
+    monkeypatch.setattr(capture_export, "_export", lambda *a: exports.append(a) or real_export(*a))
+    cases = [FidelityCase(2, "stale", warmup_steps=1), FidelityCase(2, "naive")]
+    rows, _ = run_fidelity(load_default_pipeline, cases, seeds=(0,), size=32, steps=2)
+    assert len(exports) == 1
+    assert rows[0]["psnr_db"] != rows[1]["psnr_db"]
+
+
 def test_fidelity_table_gives_mean_and_spread_over_seeds():
     from distrifx.fidelity import fidelity_table
 
