@@ -65,16 +65,14 @@ def _generate(pipe: Any, prompt: str, seed: int, size: int, steps: int) -> torch
                 generator=torch.Generator().manual_seed(seed), disable_progress=True).images
 
 
-def _parallel_image(load: Callable[[], Any], unet: torch.nn.Module, case: FidelityCase, prompt: str, seed: int,
+def _parallel_image(pipes: Sequence[Any], unet: torch.nn.Module, case: FidelityCase, prompt: str, seed: int,
                     size: int, steps: int) -> tuple[torch.Tensor, int]:
     """Rank 0's image of ``case`` on simulated ranks, and how many of its steps were warm-up steps.
 
-    Every rank's pipeline (its own scheduler state) runs the one ``unet``: it is captured once, for
-    every rank and every case of a seed (``distrifx.capture`` caches by model).
+    Rank r runs ``pipes[r]`` (its own scheduler state) with ``unet`` parallelized: the one model, so
+    it is captured once for every rank and every case of a seed (``distrifx.capture`` caches by model).
     """
     import distrifx
-
-    pipes = [load() for _ in range(case.world_size)]
 
     def rank(group: Any) -> tuple[torch.Tensor, int]:
         pipe = pipes[group.rank]
@@ -89,12 +87,17 @@ def _parallel_image(load: Callable[[], Any], unet: torch.nn.Module, case: Fideli
 
 def _seed_results(load: Callable[[], Any], cases: Sequence[FidelityCase], seed: int, prompt: str, size: int,
                   steps: int) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-    """One seed's rows and images: the single-device reference, then every case against it."""
+    """One seed's rows and images: the single-device reference, then every case against it.
+
+    The reference's pipeline and its UNet serve every case: a pipeline call starts a new generation.
+    """
     pipe = load()
+    unet = pipe.unet
     reference = _generate(pipe, prompt, seed, size, steps)
+    pipes = [pipe] + [load() for _ in range(max((case.world_size for case in cases), default=1) - 1)]
     rows, images = [], {"reference": reference}
     for case in cases:
-        image, warmup_calls = _parallel_image(load, pipe.unet, case, prompt, seed, size, steps)
+        image, warmup_calls = _parallel_image(pipes[:case.world_size], unet, case, prompt, seed, size, steps)
         images[case.label] = image
         rows.append({**asdict(case), "label": case.label, "seed": seed, "prompt": prompt, "steps": steps,
                      "size": size, "psnr_db": psnr(image, reference), "ssim": ssim(image, reference),
