@@ -112,6 +112,8 @@ def test_schedule_only_reorders_and_sinks_stale_waits(sd15_plan):
     first_late = min(nodes.index(w) for w in late_waits)
     compute_after = [n for n in nodes[first_late:] if n.op == "call_function" and not (is_wait(n) or is_start(n))]
     assert not compute_after  # every stale exchange overlaps the whole step
+    for gm in plan.graphs.values():  # the module runs the scheduled graph: its code was regenerated after the last pass
+        assert gm.code == gm.graph.python_code("self").src
 
 
 def test_sync_waits_sit_right_before_their_first_consumer(sd15_plan):
