@@ -33,7 +33,7 @@ from distrifx.plots import figure
 
 __all__ = ["BenchCase", "Link", "projected_step", "build_case", "baseline_key", "measure_case", "run_cases",
            "markdown_table", "machine_description", "plot_results", "write_results", "read_results", "write_json",
-           "run_vae_memory", "vae_memory_table"]
+           "run_vae_memory", "vae_memory_table", "rss_bytes"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BACKENDS = ("eager", "inductor")  # what bench can run: the baseline is compiled with the same torch.compile backend
@@ -438,7 +438,8 @@ SD_VAE = dict(
 )
 
 
-def _rss_bytes() -> int:
+def rss_bytes() -> int:
+    """This process's resident memory now (``VmRSS``), in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
@@ -459,7 +460,7 @@ def vae_memory_rank(latent: int) -> dict[str, float]:
     decode = distrifx.parallelize_vae_decoder(vae, world) if world > 1 else vae.decode
     if world > 1:
         decode.program(z)  # capture and build first: their memory is not the decoder's activations
-    before = _rss_bytes()
+    before = rss_bytes()
     start = time.perf_counter()
     with torch.no_grad():
         image = decode(z).sample

@@ -18,14 +18,7 @@ import tracemalloc
 import torch
 
 from distrifx.backends import torch_compile
-from distrifx.bench import BenchCase, build_case
-
-
-def _status_mib(field: str) -> int:
-    """A ``/proc/self/status`` field (VmRSS, VmHWM, ...) in MiB."""
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith(field + ":"))
-    return int(line.split()[1]) // 1024
+from distrifx.bench import BenchCase, build_case, rss_bytes
 
 
 def _tensor_mib() -> int:
@@ -60,13 +53,13 @@ def main() -> None:
         for t in timesteps[:warmup_steps]:
             model(sample, t, **kwargs)
         gc.collect()
-        before = {"resident": _status_mib("VmRSS"), "tensors": _tensor_mib()}
+        before = {"resident": rss_bytes() // 2**20, "tensors": _tensor_mib()}
         if args.trace:
             tracemalloc.start(1)
         model(sample, timesteps[warmup_steps], **kwargs)
         assert pmodel.last_phase == "stale", pmodel.last_phase
         gc.collect()
-        after = {"resident": _status_mib("VmRSS"), "tensors": _tensor_mib()}
+        after = {"resident": rss_bytes() // 2**20, "tensors": _tensor_mib()}
     print(f"{args.model} {args.latent}x{args.latent} b{args.batch}, one rank of 2, inductor"
           f"{' (no freezing)' if args.no_freeze else ''}, bucket_mb={args.bucket_mb:g}: the stale graph's first call")
     for key in before:
