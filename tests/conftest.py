@@ -4,12 +4,56 @@ import importlib.util
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._pytree import tree_map
 
 
 @pytest.fixture(autouse=True)
 def _deterministic() -> None:
     torch.manual_seed(0)
+
+
+class CustomBlock(nn.Module):
+    """Nobody registered this model: convs, GroupNorm, a hand-written attention, upsampling."""
+
+    def __init__(self, channels: int = 16) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(4, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm(self.conv_in(x)))
+        h = self.down(h)
+        b, c, height, width = h.shape
+        tokens = h.flatten(2).transpose(1, 2)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        split = lambda t: t.view(b, -1, 2, c // 2).transpose(1, 2)  # noqa: E731
+        attn = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, -1, c)
+        h = h + attn.transpose(1, 2).reshape(b, c, height, width)
+        return self.conv_out(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+
+
+class ChunkedAttentionBlock(nn.Module):
+    """Conv, GroupNorm and one-head attention on the chunks of one projection: the scheduler starts the
+    K/V exchange between ``chunk`` and the getitem of the query."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.conv_in = nn.Conv2d(4, channels, 3, padding=1)
+        self.norm = nn.GroupNorm(2, channels)
+        self.qkv = nn.Linear(channels, 3 * channels)
+        self.conv_out = nn.Conv2d(channels, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.norm(self.conv_in(x)))
+        b, c, height, width = h.shape
+        q, k, v = self.qkv(h.flatten(2).transpose(1, 2)).chunk(3, dim=-1)
+        h = h + F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, c, height, width)
+        return self.conv_out(h)
 
 
 def max_rank_error(outputs: list[torch.Tensor], expected: torch.Tensor) -> float:

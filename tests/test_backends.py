@@ -19,19 +19,41 @@ from distrifx.runtime import SimulatedWorld
 from distrifx.runtime.ops import is_start
 from distrifx.runtime.program import RankProgram, build_program
 from tests import export_workers
-from tests.conftest import tensorrt_missing
+from tests.conftest import ChunkedAttentionBlock, tensorrt_missing
+
+
+def _stale_programs(model: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[list[RankProgram], list]:
+    """Both ranks' warm-up and stale graphs of ``model``, and its flat inputs."""
+    captured = capture(model, args, kwargs)
+    config = ParallelConfig(world_size=2, mode="stale", warmup_steps=1)
+    programs = [build_program(captured, config, rank, type(model).__name__) for rank in range(2)]
+    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
+    return programs, flat
 
 
 @pytest.fixture(scope="module")
 def stale_programs():
     """Both ranks' warm-up and stale graphs of the tiny SD 1.5 UNet, and its flat inputs."""
     unet = random_unet("sd15")
-    args, kwargs = unet_inputs(unet)
-    captured = capture(unet, args, kwargs)
-    config = ParallelConfig(world_size=2, mode="stale", warmup_steps=1)
-    programs = [build_program(captured, config, rank, "UNet") for rank in range(2)]
-    flat, _ = torch.utils._pytree.tree_flatten((args, kwargs))
-    return programs, flat
+    return _stale_programs(unet, *unet_inputs(unet))
+
+
+def _run_phases(programs: list[RankProgram], flat: list) -> list[list[tuple]]:
+    """Every simulated rank's (outputs, state) of a warm-up step and a stale step."""
+
+    def run(group):
+        state, outputs = {}, []
+        with torch.no_grad():
+            for phase in ("warmup", "stale"):
+                out, state = programs[group.rank].run(phase, group, flat, state)
+                outputs.append((out, state))
+        return outputs
+
+    return distrifx.simulate(run, 2)
+
+
+def _split(programs: list[RankProgram]) -> list[RankProgram]:
+    return [RankProgram({p: split_segments(g) for p, g in prog.graphs.items()}, prog.out_spec) for prog in programs]
 
 
 def _compute_runs(gm: torch.fx.GraphModule) -> int:
@@ -67,22 +89,27 @@ def test_split_alternates_compute_segments_and_collectives(stale_programs, phase
 
 def test_split_graphs_give_the_same_outputs_on_the_simulated_runtime(stale_programs):
     programs, flat = stale_programs
-    splits = [RankProgram({p: split_segments(g) for p, g in prog.graphs.items()}, prog.out_spec) for prog in programs]
-
-    def run(group, ranks):
-        state, outputs = {}, []
-        with torch.no_grad():
-            for phase in ("warmup", "stale"):
-                out, state = ranks[group.rank].run(phase, group, flat, state)
-                outputs.append((out, state))
-        return outputs
-
-    original = distrifx.simulate(lambda g: run(g, programs), 2)
-    recombined = distrifx.simulate(lambda g: run(g, splits), 2)
+    original, recombined = _run_phases(programs, flat), _run_phases(_split(programs), flat)
     for rank_a, rank_b in zip(original, recombined):
         for (out_a, state_a), (out_b, state_b) in zip(rank_a, rank_b):
             assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
             assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_a_multi_output_op_and_the_getitems_that_unpack_it_share_a_segment():
+    """The scheduler puts the K/V exchange between ``chunk`` and the getitem of its query: that getitem
+    runs in the chunk's segment, so only tensors cross segment boundaries (compilers take tensors)."""
+    programs, flat = _stale_programs(ChunkedAttentionBlock().eval(), (torch.randn(1, 4, 16, 16),), {})
+    splits = _split(programs)
+    crossing = []
+    for prog in splits:
+        for _, segment in (s for gm in prog.graphs.values() for s in segments(gm)):
+            segment.register_forward_hook(lambda _, args, out: crossing.extend([*args, *out]))
+    original, recombined = _run_phases(programs, flat), _run_phases(splits, flat)
+    assert crossing and all(isinstance(value, torch.Tensor) for value in crossing)
+    for rank_a, rank_b in zip(original, recombined):
+        for (out_a, _), (out_b, _) in zip(rank_a, rank_b):
+            assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
 
 
 def test_inductor_compiles_only_the_segments_and_keeps_the_collective_order(stale_programs):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 import distrifx
 from distrifx.models import random_transformer, transformer_inputs
 from tests import workers
-from tests.conftest import sync_error
+from tests.conftest import CustomBlock, sync_error
 
 
 @pytest.mark.parametrize("name", ["sd3", "pixart", "flux"])
@@ -58,30 +56,7 @@ def test_stale_is_closer_than_naive(name):
     assert 0 < stale_err < naive_err
 
 
-class _CustomBlock(nn.Module):
-    """Nobody registered this model: convs, GroupNorm, a hand-written attention, upsampling."""
-
-    def __init__(self, channels: int = 16) -> None:
-        super().__init__()
-        self.conv_in = nn.Conv2d(3, channels, 3, padding=1)
-        self.norm = nn.GroupNorm(4, channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
-        self.down = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
-        self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.norm(self.conv_in(x)))
-        h = self.down(h)
-        b, c, height, width = h.shape
-        tokens = h.flatten(2).transpose(1, 2)
-        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
-        split = lambda t: t.view(b, -1, 2, c // 2).transpose(1, 2)  # noqa: E731
-        attn = F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).reshape(b, -1, c)
-        h = h + attn.transpose(1, 2).reshape(b, c, height, width)
-        return self.conv_out(F.interpolate(h, scale_factor=2.0, mode="nearest"))
-
-
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_custom_module_sync_equals_eager(world_size):
     torch.manual_seed(0)
-    assert sync_error(_CustomBlock().eval(), world_size, torch.randn(2, 3, 32, 16)) < 1e-5
+    assert sync_error(CustomBlock().eval(), world_size, torch.randn(2, 3, 32, 16)) < 1e-5

@@ -48,8 +48,13 @@ def _copied(node: Node) -> bool:
 
 
 def _runs(gm: GraphModule) -> list[list[Node]]:
-    """Maximal runs of compute nodes between collectives, in graph order."""
+    """Maximal runs of compute nodes between collectives, in graph order.
+
+    A ``getitem`` of a multi-output op (``split``, ``chunk``) joins the run of that op even where the
+    scheduler put a collective between them, so that only tensors cross segment boundaries.
+    """
     runs: list[list[Node]] = []
+    run_of: dict[Node, list[Node]] = {}
     current: list[Node] | None = None
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output") or _copied(node):
@@ -57,10 +62,15 @@ def _runs(gm: GraphModule) -> list[list[Node]]:
         if is_collective(node):
             current = None
             continue
-        if current is None:
-            current = []
-            runs.append(current)
-        current.append(node)
+        if node.target is operator.getitem and node.args[0] in run_of:
+            run = run_of[node.args[0]]
+        else:
+            if current is None:
+                current = []
+                runs.append(current)
+            run = current
+        run.append(node)
+        run_of[node] = run
     return runs
 
 
