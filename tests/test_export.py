@@ -145,33 +145,35 @@ def test_narrow_stale_export_equals_the_eager_runtime_and_stores_the_dtype(model
             assert error < 0.5 * float((unrounded.sample - want.sample).abs().max())
 
 
-@pytest.mark.parametrize("format,option,value,stored", [
-    ("pt2", "extrapolate", 0.5, 0.5),
-    ("onnx", "extrapolate", 0.5, 0.5),
-    ("pt2", "fresh", ("halo",), ["halo"]),
-    ("pt2", "warmup_fraction", 0.5, 0.5),  # the second step (600 of 900) also warms up
-])
-def test_stale_option_export_equals_the_eager_runtime_and_stores_the_option(model, tmp_path, format, option, value,
-                                                                            stored):
-    """Extrapolated stale values, halo rows exchanged synchronously, or a warm-up by timestep survive export
-    and load."""
+# Stale options an export stores, their values, and how its manifest writes them: extrapolated stale values,
+# halo rows exchanged synchronously, a warm-up by timestep (the second step, 600 of 900, also warms up).
+STALE_OPTIONS = {"extrapolate": (0.5, 0.5), "fresh": (("halo",), ["halo"]), "warmup_fraction": (0.5, 0.5)}
+
+
+@pytest.mark.parametrize("format", ["pt2", "onnx"])
+def test_stale_option_export_equals_the_eager_runtime_and_stores_the_options(model, tmp_path, format):
+    """One export with every stale option: each survives export and load (without any one of them, the
+    eager runtime's last step differs from the loaded program's)."""
     unet, (sample, _), kwargs = model
-    options = dict(mode="stale", warmup_steps=1)
+    options = {name: value for name, (value, _) in STALE_OPTIONS.items()}
     distrifx.export(unet, tmp_path, 2, args=(sample, torch.tensor(TIMESTEPS[0])), kwargs=kwargs, format=format,
-                    **options, **{option: value})
-    assert json.loads((tmp_path / MANIFEST).read_text())["options"][option] == stored
+                    mode="stale", warmup_steps=1, **options)
+    stored = json.loads((tmp_path / MANIFEST).read_text())["options"]
+    assert {name: stored[name] for name in STALE_OPTIONS} == {name: s for name, (_, s) in STALE_OPTIONS.items()}
     samples = _samples(sample)
     loaded = _steps(lambda g: distrifx.load(tmp_path, process_group=g), samples, kwargs)
 
-    def parallel(**extra):
-        return _steps(lambda g: distrifx.parallelize(unet, 2, cfg_parallel=False, process_group=g, **options, **extra),
-                      samples, kwargs)
+    def parallel(**chosen):
+        return _steps(lambda g: distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, cfg_parallel=False,
+                                                     process_group=g, **chosen), samples, kwargs)
 
-    eager, plain = parallel(**{option: value}), parallel()
+    eager = parallel(**options)
+    assert [p for _, p in loaded[0]] == [p for _, p in eager[0]] == ["warmup", "warmup", "stale"]
     for (got, _), (want, _) in zip(loaded[0], eager[0], strict=True):
         assert float((got.sample - want.sample).abs().max()) < 1e-5
-    # by the last step the option has changed what was read: the stored program applies it
-    assert float((loaded[0][-1][0].sample - plain[0][-1][0].sample).abs().max()) > 1e-4
+    for name in STALE_OPTIONS:
+        without = parallel(**{other: value for other, value in options.items() if other != name})
+        assert float((loaded[0][-1][0].sample - without[0][-1][0].sample).abs().max()) > 1e-4, name
 
 
 def test_an_export_written_before_an_option_existed_reads_as_compiled_with_its_default(exported, tmp_path):
