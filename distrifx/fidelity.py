@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import multiprocessing
+import os
 import statistics
 import textwrap
 from collections.abc import Callable, Sequence
@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from distrifx.launch import adopt, process_context
 from distrifx.metrics import psnr, ssim
 from distrifx.plots import figure
 
@@ -116,8 +117,8 @@ def run_fidelity(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """PSNR/SSIM of every case against the single-device image, per seed; and the images.
 
-    ``jobs`` > 1 spreads the seeds over that many spawned processes (``load`` must pickle: a
-    module-level function), each with its share of this process's torch threads.
+    ``jobs`` > 1 spreads the seeds over that many new processes (:func:`distrifx.launch.process_context`;
+    ``load`` must pickle: a module-level function), each with its share of this process's torch threads.
     """
     from tqdm import tqdm
 
@@ -125,8 +126,8 @@ def run_fidelity(
     bar = functools.partial(tqdm, total=len(tasks), desc="distrifx fidelity (seeds)", disable=not progress)
     if jobs > 1:
         threads = max(1, torch.get_num_threads() // jobs)
-        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        with ProcessPoolExecutor(jobs, mp_context=process_context(), initializer=adopt,
+                                 initargs=(dict(os.environ), threads)) as pool:
             per_seed = list(bar(pool.map(_seed_results, *zip(*tasks))))
     else:
         per_seed = [_seed_results(*task) for task in bar(tasks)]

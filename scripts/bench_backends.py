@@ -69,7 +69,7 @@ def bench(model: str, world_size: int, mode: str, steps: int, backends: list[str
         if backend in ("eager", "inductor"):
             runs = ["cold cache", "warm cache"] if backend == "inductor" else [""]
             with tempfile.TemporaryDirectory() as cache:
-                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # the spawned ranks inherit it
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache  # each launch hands its environment to its ranks
                 for run in runs:
                     r = distrifx.launch(_rank_parallelize, world_size, model, backend, mode, steps, **launch)
                     rows.append((f"{backend} {run}".strip(), f"first call {r['first_s']:.1f} s", r))

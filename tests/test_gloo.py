@@ -50,6 +50,15 @@ def test_launch_reports_a_dead_rank_and_stops_the_others():
         distrifx.launch(workers.dies, 2, threads_per_rank=1, timeout_s=120)
 
 
+def test_ranks_see_the_environment_of_each_launch(monkeypatch):
+    """Ranks are forked by a server started at the first launch: each launch's environment still reaches them."""
+    monkeypatch.setenv("DISTRIFX_TEST_VALUE", "first")
+    assert distrifx.launch(workers.environment, 2, "DISTRIFX_TEST_VALUE", threads_per_rank=1,
+                           all_ranks=True) == [("first", 1)] * 2
+    monkeypatch.setenv("DISTRIFX_TEST_VALUE", "second")
+    assert distrifx.launch(workers.environment, 2, "DISTRIFX_TEST_VALUE", all_ranks=True)[1][0] == "second"
+
+
 def test_world_size_must_match_the_process_group():
     message = distrifx.launch(workers.world_size_mismatch, 2, threads_per_rank=1, timeout_s=120)
     assert "world_size=3 but the process group has 2 ranks" in message

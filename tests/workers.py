@@ -64,6 +64,11 @@ def dies() -> None:
     time.sleep(60)
 
 
+def environment(name: str) -> tuple[str | None, int]:
+    """This rank's value of the environment variable ``name``, and its torch threads."""
+    return os.environ.get(name), torch.get_num_threads()
+
+
 def world_size_mismatch() -> str:
     try:
         distrifx.parallelize(random_unet("sd15"), dist.get_world_size() + 1)
