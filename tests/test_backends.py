@@ -56,6 +56,14 @@ def _split(programs: list[RankProgram]) -> list[RankProgram]:
     return [RankProgram({p: split_segments(g) for p, g in prog.graphs.items()}, prog.out_spec) for prog in programs]
 
 
+def _assert_same_steps(programs: list[RankProgram], splits: list[RankProgram], flat: list) -> None:
+    """The split programs give every rank the outputs and state of the unsplit ones, bit for bit."""
+    for rank_a, rank_b in zip(_run_phases(programs, flat), _run_phases(splits, flat), strict=True):
+        for (out_a, state_a), (out_b, state_b) in zip(rank_a, rank_b, strict=True):
+            assert all(torch.equal(a, b) for a, b in zip(out_a, out_b, strict=True))
+            assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 def _compute_runs(gm: torch.fx.GraphModule) -> int:
     """Maximal runs of compute nodes between collectives, counted on the unsplit graph."""
     runs, in_run = 0, False
@@ -89,11 +97,7 @@ def test_split_alternates_compute_segments_and_collectives(stale_programs, phase
 
 def test_split_graphs_give_the_same_outputs_on_the_simulated_runtime(stale_programs):
     programs, flat = stale_programs
-    original, recombined = _run_phases(programs, flat), _run_phases(_split(programs), flat)
-    for rank_a, rank_b in zip(original, recombined):
-        for (out_a, state_a), (out_b, state_b) in zip(rank_a, rank_b):
-            assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
-            assert state_a.keys() == state_b.keys() and all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+    _assert_same_steps(programs, _split(programs), flat)
 
 
 def test_a_multi_output_op_and_the_getitems_that_unpack_it_share_a_segment():
@@ -105,11 +109,8 @@ def test_a_multi_output_op_and_the_getitems_that_unpack_it_share_a_segment():
     for prog in splits:
         for _, segment in (s for gm in prog.graphs.values() for s in segments(gm)):
             segment.register_forward_hook(lambda _, args, out: crossing.extend([*args, *out]))
-    original, recombined = _run_phases(programs, flat), _run_phases(splits, flat)
+    _assert_same_steps(programs, splits, flat)
     assert crossing and all(isinstance(value, torch.Tensor) for value in crossing)
-    for rank_a, rank_b in zip(original, recombined):
-        for (out_a, _), (out_b, _) in zip(rank_a, rank_b):
-            assert all(torch.equal(a, b) for a, b in zip(out_a, out_b))
 
 
 def test_inductor_compiles_only_the_segments_and_keeps_the_collective_order(stale_programs):
