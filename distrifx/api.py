@@ -126,7 +126,8 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
 
     ``pipe.unet`` (or ``pipe.transformer``) becomes a :class:`ParallelModule`; the pipeline's
     ``prepare_latents`` is wrapped so every rank uses rank 0's initial latents, whatever its
-    generator. With ``parallel_vae=True`` the VAE decoder is patch-parallel too (sync: exact).
+    generator, and so each pipeline call begins a generation (:meth:`ParallelModule.reset`: a
+    scheduler that evaluates a timestep twice, as Heun's does, stays in one). With ``parallel_vae=True`` the VAE decoder is patch-parallel too (sync: exact).
     Returns ``pipe``. ``options`` are those of :func:`parallelize`.
 
     Example:
@@ -139,6 +140,7 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
     prepare_latents = pipe.prepare_latents
 
     def shared_prepare_latents(*args: Any, **kwargs: Any) -> Any:
+        pmodel.reset()
         latents = prepare_latents(*args, **kwargs)
         return tree_map(lambda x: _from_rank0(pmodel.comm, x) if isinstance(x, torch.Tensor) else x, latents)
 

@@ -172,7 +172,7 @@ def _tiny_vae(seed: int, **overrides: Any) -> Any:
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
     """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights.
 
-    ``scheduler`` is "ddim", "euler" or "dpm" (SD3 always uses its flow-matching scheduler).
+    ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 always uses its flow-matching scheduler).
     """
     import diffusers
 
@@ -180,6 +180,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
         "ddim": diffusers.DDIMScheduler,
         "euler": diffusers.EulerDiscreteScheduler,
         "dpm": diffusers.DPMSolverMultistepScheduler,
+        "heun": diffusers.HeunDiscreteScheduler,
     }
     if kind != "sd3":
         sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",

@@ -17,7 +17,8 @@ def saved(tmp_path_factory):
     """Tiny SD 1.5- and SDXL-layout pipelines written with save_pretrained, per scheduler."""
     root = tmp_path_factory.mktemp("pipes")
     paths = {}
-    for kind, scheduler in (("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sdxl", "ddim"), ("sd3", "flow")):
+    for kind, scheduler in (("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sd15", "heun"), ("sdxl", "ddim"),
+                            ("sd3", "flow")):
         path = root / f"{kind}-{scheduler}"
         tiny_pipeline(kind, scheduler=scheduler).save_pretrained(path)
         paths[(kind, scheduler)] = path
@@ -118,6 +119,24 @@ def test_stale_pipeline_is_close_and_naive_is_not_closer(saved):
     naive = _parallel(path, 2, call, mode="naive", cfg_parallel=False)[0]
     assert _rel_err(stale, expected) < _rel_err(naive, expected)
     assert _rel_err(stale, expected) < 0.2
+
+
+def test_a_scheduler_that_repeats_timesteps_stays_in_one_generation(saved):
+    path = saved[("sd15", "heun")]
+    call = lambda p: _generate(p, num_inference_steps=5)  # noqa: E731: Heun calls the UNet 9 times
+    expected = call(_load(path))
+
+    def twice(pipe):
+        outs, warmups = [], []
+        for _ in range(2):  # the second image warms up again: each pipeline call begins a generation
+            outs.append(call(pipe))
+            warmups.append(pipe.unet.generation.warmup_calls)
+        return outs, warmups
+
+    (outs, warmups), _ = _parallel(path, 2, twice, mode="stale", warmup_steps=2, cfg_parallel=False)
+    assert warmups == [2, 2]
+    for out in outs:
+        assert _rel_err(out, expected) < 0.2
 
 
 def test_ranks_with_different_seeds_still_agree(saved):

@@ -11,6 +11,7 @@ from distrifx.default_model import DEFAULT_MODEL_DIR
 from distrifx.models import random_unet, unet_inputs
 from distrifx.passes.builder import older
 from distrifx.runtime.program import Generation
+from distrifx.runtime.steps import StepTracker
 from tests.stale_reference import StaleReference
 
 TIMESTEPS = [900, 800, 700, 600, 500, 400]
@@ -186,6 +187,17 @@ def test_new_generation_restarts_warmup_and_reset_is_explicit():
 
     phases, _ = distrifx.simulate(rank, 2)
     assert phases == ["warmup", "stale", "stale", "warmup", "stale", "warmup"]
+
+
+def test_a_repeated_timestep_continues_only_a_generation_begun_by_reset():
+    heun = (999, 888, 888, 777, 777)  # Heun-type schedulers evaluate each timestep after the first twice
+    tracker = StepTracker()
+    assert [tracker.advance(t, "inputs") for t in heun] == [True, False, True, False, True]
+    tracker.reset()
+    assert [tracker.advance(t, "inputs") for t in heun] == [True, False, False, False, False]
+    assert tracker.step == 4
+    # A generation the tracker detects itself (the timestep rose) is not marked: a repeat starts another.
+    assert [tracker.advance(t, "inputs") for t in (999, 999)] == [True, True]
 
 
 @pytest.mark.parametrize("variant", ["sync", "stale", "separate"])
