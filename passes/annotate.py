@@ -21,6 +21,7 @@ from distrifx.passes.spec import META_DECISION, META_PLACEMENT, Decision, Placem
 __all__ = ["annotate", "valid_heights"]
 
 aten = torch.ops.aten
+CONVS = (aten.conv2d.default, aten.conv2d.padding)  # the convs whose output heights bound the valid input heights
 
 
 def _replicated_like(val: object) -> PlacementTree:
@@ -52,7 +53,7 @@ def valid_heights(gm: GraphModule, world_size: int, count: int = 6) -> tuple[int
     It is world_size x the largest downsampling factor of any conv output relative to the height
     of the first conv's input.
     """
-    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is aten.conv2d.default]
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONVS]
     if not convs:
         return world_size, [world_size * i for i in range(1, count + 1)]
     base = global_shape(convs[0].args[0])[2]

@@ -22,6 +22,7 @@ from distrifx.passes import kernels
 from distrifx.passes.builder import Builder, Form, Payload, form_for
 from distrifx.passes.kv_source import FLOPS_PER_BYTE, KVSource, find_kv_source, prefer_hidden
 from distrifx.passes.rules.registry import add_unique, global_shape, placement_of
+from distrifx.passes.rules.spatial import conv_args
 from distrifx.passes.spec import GatherKV, GlobalGroupNorm, HaloConv, Rewrite
 from distrifx.runtime import ops
 
@@ -40,18 +41,9 @@ def rewriter(kind: type[Rewrite]) -> Callable[[RewriterFn], RewriterFn]:
     return deco
 
 
-def _conv_args(args: tuple) -> tuple[Any, ...]:
-    """(x, weight, bias, stride, padding, dilation, groups) with the schema's defaults filled in."""
-    defaults = (None, None, None, [1, 1], [0, 0], [1, 1], 1)
-    full = tuple(args) + defaults[len(args):]
-    pair = lambda v: [v, v] if isinstance(v, int) else (list(v) * 2 if len(v) == 1 else list(v))  # noqa: E731
-    x, w, b, stride, padding, dilation, groups = full
-    return x, w, b, pair(stride), pair(padding), pair(dilation), groups
-
-
 @rewriter(HaloConv)
 def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) -> Node:
-    x, w, bias, stride, padding, dilation, groups = _conv_args(args)
+    x, w, bias, stride, padding, dilation, groups = conv_args(args)  # numeric padding: the rule's args
     kernel = global_shape(node.args[1])[2]
     if rw.from_replicated:
         window = (rw.out_rows_local - 1) * rw.stride + (kernel - 1) * dilation[0] + 1
@@ -77,7 +69,7 @@ def _halo_conv(b: Builder, node: Node, rw: HaloConv, args: tuple, kwargs: dict) 
 
 @rewriter(GlobalGroupNorm)
 def _group_norm(b: Builder, node: Node, rw: GlobalGroupNorm, args: tuple, kwargs: dict) -> Node:
-    x, groups = args[0], args[1]
+    x, groups = args[0], rw.num_groups
     weight, bias, eps = (tuple(args[2:5]) + (None, None, 1e-5)[len(args) - 2:])[:3]
     shape = global_shape(node)
     spec = kernels.GroupNormInput(batch=shape[0], channels=shape[1], spatial=math.prod(shape[2:]) // b.ctx.world_size,

@@ -14,8 +14,6 @@ from distrifx.passes.spec import Decision, GatherKV, Placement, Replicate, Shard
 aten = torch.ops.aten
 
 
-
-
 @register(aten.linear.default)
 def _linear(node: Node, ctx: RuleContext) -> Decision:
     x, placement = node.args[0], weighted_input(node, "linear")
@@ -57,7 +55,7 @@ def _reduce(node: Node, ctx: RuleContext) -> Decision:
         return Decision(output=Replicate())
     rank = len(global_shape(x))
     dims = node.args[1] if len(node.args) > 1 else None
-    dims = list(range(rank)) if dims is None else ([dims] if isinstance(dims, int) else dims)
+    dims = [dims] if isinstance(dims, int) else list(dims or range(rank))  # None or []: every dim
     dims = {d % rank for d in dims}
     if placement.dim in dims:
         return gather_first(node)
@@ -69,6 +67,8 @@ def _reduce(node: Node, ctx: RuleContext) -> Decision:
 @register(aten.scaled_dot_product_attention.default)
 def _sdpa(node: Node, ctx: RuleContext) -> Decision:
     """Queries keep their shard; sharded keys/values are gathered; replicated ones (text) are used as is."""
+    if not sharded_inputs(node):
+        return Decision(output=Replicate())
     q, k, v = node.args[:3]
     mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
     pq, pk, pv = placement_of(q), placement_of(k), placement_of(v)
@@ -78,16 +78,21 @@ def _sdpa(node: Node, ctx: RuleContext) -> Decision:
         if isinstance(p, Shard) and p.dim != seq:
             raise ShardingError(
                 f"{where(node)}: attention {name} is sharded on dim {p.dim}; only the token "
-                f"dim ({seq}) may be sharded."
+                f"dim ({seq}) may be sharded. Pass {name} as (batch, heads, tokens, head_dim), as "
+                "F.scaled_dot_product_attention expects: transpose heads and tokens before the call."
             )
     if isinstance(pk, Shard) != isinstance(pv, Shard):
-        raise ShardingError(f"{where(node)}: keys and values must be both sharded or both replicated.")
+        raise ShardingError(f"{where(node)}: keys and values must be both sharded or both replicated. Compute "
+                            "both from the same tokens: the image (self-attention) or the text (cross-attention).")
     if node.kwargs.get("is_causal") or (len(node.args) > 5 and node.args[5]):
-        raise ShardingError(f"{where(node)}: causal attention over image patches is not supported.")
+        raise ShardingError(f"{where(node)}: causal attention over image patches is not supported. Pass the "
+                            "causal mask as attn_mask instead (e.g. torch.ones(L, S, dtype=torch.bool).tril()), "
+                            "which each rank slices to its queries.")
     inputs: dict[Node, Placement] = {}
     if isinstance(mask, Node) and isinstance(pq, Shard):
         if isinstance(placement_of(mask), Shard):
-            raise ShardingError(f"{where(node)}: a sharded attention mask is not supported.")
+            raise ShardingError(f"{where(node)}: a sharded attention mask is not supported. Build the mask from "
+                                "replicated values (parameters, shapes, text inputs), not from the sharded latent.")
         if global_shape(mask)[-2] != 1:
             inputs[mask] = pq.moved(len(global_shape(mask)) - 2)
     output = pq

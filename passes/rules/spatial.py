@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch.fx import Node
 
@@ -10,15 +15,23 @@ from distrifx.passes.rules.registry import (RuleContext, global_shape, placement
                                             weighted_input)
 from distrifx.passes.spec import Decision, GlobalGroupNorm, HaloConv, Replicate, Shard
 
-__all__ = ["conv_halo"]
+__all__ = ["conv_args", "conv_halo"]
 
 aten = torch.ops.aten
 
 
-def _pair(value: int | list[int]) -> tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    return (value[0], value[0]) if len(value) == 1 else (value[0], value[1])
+def _pair(value: int | Sequence[int]) -> list[int]:
+    """A conv's (height, width) argument, given as an int or a one- or two-element list."""
+    return [value, value] if isinstance(value, int) else [value[0], value[-1]]
+
+
+def conv_args(args: Sequence[Any], padding: int | str = 0) -> tuple[Any, ...]:
+    """(x, weight, bias, stride, padding, dilation, groups) of a conv2d with the schema's defaults filled
+    in (``padding``: the overload's default), stride, padding and dilation as [height, width] lists; a
+    "same"/"valid" padding stays a string."""
+    defaults = (None, None, None, 1, padding, 1, 1)
+    x, w, b, stride, pad, dilation, groups = (*args, *defaults[len(args):])
+    return x, w, b, _pair(stride), pad if isinstance(pad, str) else _pair(pad), _pair(dilation), groups
 
 
 def conv_halo(kernel: int, stride: int, padding: int, dilation: int) -> tuple[int, int]:
@@ -34,16 +47,30 @@ def conv_halo(kernel: int, stride: int, padding: int, dilation: int) -> tuple[in
     return padding, (kernel - 1) * dilation + 1 - padding - stride
 
 
-@register(aten.conv2d.default)
-def _conv2d(node: Node, ctx: RuleContext) -> Decision:
-    x, placement = node.args[0], weighted_input(node, "conv")
-    stride, padding, dilation = (_pair(node.args[i]) if len(node.args) > i else (d, d)
-                                 for i, d in ((3, 1), (4, 0), (5, 1)))
+def _check_halo(node: Node, ctx: RuleContext, before: int, after: int) -> None:
+    """A ShapeError unless each rank's input patch holds the rows its neighbours' halos take from it."""
+    in_h = global_shape(node.args[0])[2]
+    local, halo = in_h // ctx.world_size, max(before, after)
+    if halo > local:
+        raise ShapeError(
+            f"{where(node)}: conv needs {before} rows before and {after} rows after each row patch, but each "
+            f"of the {ctx.world_size} ranks holds only {local} of its {in_h} input rows, and a halo may only "
+            f"reach the neighbouring patch. This conv needs at least {halo * ctx.world_size} input rows "
+            f"({halo} per rank): make the model input at least {math.ceil(halo * ctx.world_size / in_h)}x "
+            f"taller, or use at most {in_h // halo} ranks."
+        )
+
+
+def _conv(node: Node, ctx: RuleContext, args: Sequence[Any]) -> Decision:
+    """The conv2d rule, for the conv ``args`` (numeric padding) of ``node``."""
+    x, w, _, stride, padding, dilation, _ = conv_args(args)
+    placement = weighted_input(node, "conv")
     in_h, out_h = global_shape(x)[2], global_shape(node)[2]
     if isinstance(placement, Shard) and (placement.dim != 2 or not placement.plain):
         raise ShardingError(
             f"{where(node)}: conv input is sharded as {placement}; distrifx shards convs along the "
-            "height (dim 2) only, in plain row blocks."
+            "height (dim 2) only, in plain row blocks. Feed the conv the (B, C, H, W) activation itself: "
+            "move a permute, or a cat/pad along the height, after the conv."
         )
     if out_h % ctx.world_size:
         raise ShapeError(
@@ -54,7 +81,9 @@ def _conv2d(node: Node, ctx: RuleContext) -> Decision:
             f"{where(node)}: conv maps height {in_h} to {out_h} with stride {stride[0]}; row "
             f"patches need input height = stride x output height ({stride[0] * out_h})."
         )
-    before, after = conv_halo(global_shape(node.args[1])[2], stride[0], padding[0], dilation[0])
+    before, after = conv_halo(global_shape(w)[2], stride[0], padding[0], dilation[0])
+    if isinstance(placement, Shard):
+        _check_halo(node, ctx, before, after)
     rewrite = HaloConv(
         dim=2,
         before=before,
@@ -66,6 +95,35 @@ def _conv2d(node: Node, ctx: RuleContext) -> Decision:
     return Decision(output=Shard(2), rewrite=rewrite)
 
 
+@register(aten.conv2d.default)
+def _conv2d(node: Node, ctx: RuleContext) -> Decision:
+    return _conv(node, ctx, node.args)
+
+
+def _numeric_padding(node: Node, mode: str, dilation: list[int]) -> list[int]:
+    """The [height, width] padding equal to ``padding=mode``: none for "valid", half the effective
+    kernel for "same" (which must then be odd: even ones pad one row more after than before)."""
+    if mode == "valid":
+        return [0, 0]
+    spans = [d * (k - 1) for d, k in zip(dilation, global_shape(node.args[1])[2:])]
+    if any(span % 2 for span in spans):
+        raise ShardingError(
+            f"{where(node)}: padding='same' with kernel {list(global_shape(node.args[1])[2:])} and dilation "
+            f"{dilation} pads one row or column more after than before; distrifx shards convs with "
+            "symmetric padding only. Use an odd kernel (or dilation x (kernel - 1) even), or pad explicitly "
+            "with F.pad and use padding=0."
+        )
+    return [span // 2 for span in spans]
+
+
+@register(aten.conv2d.padding)
+def _conv2d_padding(node: Node, ctx: RuleContext) -> Decision:
+    """``padding="same"/"valid"``: the conv2d rule on the equal numeric padding, which the per-rank graph gets."""
+    x, w, bias, stride, mode, dilation, groups = conv_args(node.args, padding="valid")
+    args = (x, w, bias, stride, _numeric_padding(node, mode, dilation), dilation, groups)
+    return dataclasses.replace(_conv(node, ctx, args), args=args)
+
+
 @register(aten.group_norm.default)
 def _group_norm(node: Node, ctx: RuleContext) -> Decision:
     x = node.args[0]
@@ -75,9 +133,19 @@ def _group_norm(node: Node, ctx: RuleContext) -> Decision:
     if placement.dim < 2 or not placement.plain:
         raise ShardingError(
             f"{where(node)}: GroupNorm input is sharded as {placement}; only plain blocks of "
-            "spatial dims (>= 2) may be sharded."
+            "spatial dims (>= 2) may be sharded. Normalize the (B, C, H, W) or (B, C, tokens) activation "
+            "itself: move a permute, or a cat/pad along the sharded dim, after the GroupNorm."
         )
     return Decision(output=placement, rewrite=GlobalGroupNorm(num_groups=node.args[1]))
+
+
+def _row_scale(node: Node) -> float | None:
+    """The row scale factor ``node`` was given (PyTorch then reads input row floor(i / scale) for output
+    row i), or None when only the output size was."""
+    if node.target is aten.upsample_nearest2d.vec:
+        scales = node.args[2] if len(node.args) > 2 else None
+        return None if scales is None else scales[0]
+    return node.args[2] if len(node.args) > 2 else None
 
 
 def _nearest_scale(node: Node, dim: int) -> int:
@@ -86,6 +154,14 @@ def _nearest_scale(node: Node, dim: int) -> int:
         raise ShardingError(
             f"{where(node)}: nearest upsampling from {in_rows} to {out_rows} rows is not an integer "
             "scale, so output rows would read across patches. Use an integer scale factor."
+        )
+    scale = _row_scale(node)
+    if scale is not None and scale != out_rows // in_rows:
+        raise ShardingError(
+            f"{where(node)}: nearest upsampling by scale factor {scale} maps {in_rows} rows to {out_rows}, "
+            f"but reads input row floor(i / {scale}) for output row i, not floor(i / {out_rows // in_rows}), "
+            "so row patches cannot upsample locally. Use an integer scale factor, or pass the output size "
+            f"(size=({out_rows}, ...)) instead."
         )
     return out_rows // in_rows
 
@@ -97,7 +173,10 @@ def _upsample_nearest(node: Node, ctx: RuleContext) -> Decision:
     x = node.args[0]
     dim = placement_of(x).dim
     if placement_of(x) != Shard(2):
-        raise ShardingError(f"{where(node)}: upsampling input sharded as {placement_of(x)}, expected S(2).")
+        raise ShardingError(
+            f"{where(node)}: upsampling input sharded as {placement_of(x)}, expected S(2). Upsample the "
+            "(B, C, H, W) activation itself: move a permute, or a cat/pad along the height, after the upsampling."
+        )
     _nearest_scale(node, dim)
     output_size = node.args[1]
     if output_size is None:  # scale factors only: nothing global in the arguments
