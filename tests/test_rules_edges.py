@@ -89,8 +89,9 @@ def test_causal_attention_as_an_explicit_mask_over_sharded_tokens_is_exact():
     lambda s, h: h + h.sum(dim=[]),
     lambda s, h: h.sum(dim=[]),
     lambda s, h: h - h.mean(dim=[]),
-], ids=["sum", "sum-output", "mean"])
-def test_reducing_over_an_empty_dim_list_reduces_every_dim(fn):
+    lambda s, h: h - h.mean() + h.sum(),
+], ids=["sum", "sum-output", "mean", "no-dim"])
+def test_reducing_over_every_dim_is_exact(fn):
     assert sync_error(_Fn(fn).eval(), 2, torch.randn(1, 3, 8, 8)) < 1e-5
 
 

@@ -46,6 +46,12 @@ def _softmax(node: Node, ctx: RuleContext) -> Decision:
     return Decision(output=placement)
 
 
+@register(aten.mean.default, aten.sum.default)
+def _reduce_all(node: Node, ctx: RuleContext) -> Decision:
+    """A reduction over every element: gathered first when its input is sharded."""
+    return gather_first(node) if sharded_inputs(node) else Decision(output=Replicate())
+
+
 @register(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default,
           aten.var.correction, aten.std.correction)
 def _reduce(node: Node, ctx: RuleContext) -> Decision:
