@@ -50,16 +50,16 @@ def _worker(
     rank: int, world_size: int, port: int, backend: str, threads: int | None, bind_cores: bool, timeout_s: float,
     fn: Callable[..., Any], args: tuple, results: Any, environ: dict[str, str],
 ) -> None:
-    adopt(environ, threads)
-    if threads:
-        cores = rank_cores(rank, world_size, threads) if bind_cores else None
-        if cores:
-            os.sched_setaffinity(0, cores)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
     try:
+        adopt(environ, threads)
+        if threads:
+            cores = rank_cores(rank, world_size, threads) if bind_cores else None
+            if cores:
+                os.sched_setaffinity(0, cores)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size, timeout=timedelta(seconds=timeout_s))
         results.put((rank, True, fn(*args)))
@@ -87,6 +87,15 @@ def adopt(environ: Mapping[str, str], threads: int | None = None) -> None:
     os.environ.update(environ)
     if threads:
         torch.set_num_threads(threads)
+
+
+def _stop(proc: Any, grace_s: float) -> None:
+    """Wait ``grace_s`` for ``proc`` to exit, then terminate it, then kill it if it ignores that."""
+    proc.join(timeout=grace_s)
+    for stop in (proc.terminate, proc.kill):
+        if proc.is_alive():
+            stop()
+            proc.join(timeout=2)
 
 
 def launch(
@@ -144,8 +153,5 @@ def launch(
             outputs[rank] = value
     finally:
         for p in procs:
-            p.join(timeout=10 if len(outputs) == world_size else 0.5)
-            if p.is_alive():
-                p.terminate()
-                p.join(timeout=5)
+            _stop(p, grace_s=10 if len(outputs) == world_size else 0.5)
     return [outputs[r] for r in range(world_size)] if all_ranks else outputs[0]

@@ -10,6 +10,7 @@ from torch import nn
 
 import distrifx
 from distrifx.models import random_unet, unet_inputs
+from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator, SimulatedWorld, TimingCommunicator
 
 
 def _call_simulated(model, world_size, *args, **options):
@@ -145,3 +146,27 @@ def test_ranks_called_with_the_same_nan_inputs_are_not_called_with_different_one
 
     with pytest.raises(distrifx.DistrifxError, match=r"different values of \['timestep'\]"):
         distrifx.simulate(rank, 2)
+
+
+@pytest.mark.parametrize("make", [lambda: SimulatedWorld(3).group(2), lambda: TimingCommunicator(2, 3, 1.0)],
+                         ids=["simulated", "timing"])
+def test_a_rank_in_none_of_the_split_groups_is_told_so(make):
+    with pytest.raises(distrifx.DistrifxError, match=re.escape(
+            "rank 2 is in none of the groups [[0, 1]]: split() takes a partition of the ranks")):
+        make().split([[0, 1]])
+
+
+class _LateWork:
+    """A ``dist.Work`` whose bounded wait ran out without an error (``wait`` returns False)."""
+
+    def wait(self, timeout: object) -> bool:
+        return False
+
+
+def test_a_collective_that_runs_out_of_time_names_the_cause_and_the_fix():
+    comm = ProcessGroupCommunicator.__new__(ProcessGroupCommunicator)  # no process group needed to word it
+    Communicator.__init__(comm, 0, 2, 3.0)
+    with pytest.raises(distrifx.CollectiveTimeoutError) as info:
+        comm._wait([_LateWork()], "all_gather")
+    assert "all_gather failed or timed out after 3s: a peer rank did not join it in time" in str(info.value)
+    assert "check its log, or pass a larger timeout_s" in str(info.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -62,3 +64,17 @@ def test_ranks_see_the_environment_of_each_launch(monkeypatch):
 def test_world_size_must_match_the_process_group():
     message = distrifx.launch(workers.world_size_mismatch, 2, threads_per_rank=1, timeout_s=120)
     assert "world_size=3 but the process group has 2 ranks" in message
+
+
+def test_a_rank_that_fails_before_its_function_reports_its_traceback():
+    """Here a rank without a GPU of its own: setting its device fails before the process group exists."""
+    with pytest.raises(distrifx.DistrifxError, match=r"(?s)failed; the other ranks were stopped.*set_device"):
+        distrifx.launch(workers.environment, torch.cuda.device_count() + 1, "HOME", backend="nccl", timeout_s=120)
+
+
+def test_launch_kills_a_rank_that_ignores_sigterm(tmp_path):
+    pid_file = tmp_path / "pid"
+    with pytest.raises(distrifx.DistrifxError, match="rank 1 broke"):
+        distrifx.launch(workers.ignores_sigterm, 2, str(pid_file), threads_per_rank=1, timeout_s=120)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -97,3 +99,29 @@ def stale_outputs(name: str, bucket_mb: float) -> list:
     with torch.no_grad():
         return [pmodel(sample + 0.05 * i, torch.tensor(t), **kwargs).sample.tolist()
                 for i, t in enumerate((900, 800, 700, 600))]
+
+
+def late_split(timeout_s: float, delay_s: float) -> str:
+    """Rank 1 reaches a split ``delay_s`` late: how long this rank's split took to fail, and why."""
+    from distrifx.runtime.comm import ProcessGroupCommunicator
+
+    comm = ProcessGroupCommunicator(dist.group.WORLD, timeout_s)
+    if dist.get_rank() == 1:
+        time.sleep(delay_s)
+    start = time.monotonic()
+    try:
+        comm.split([[0, 1]])
+    except distrifx.CollectiveTimeoutError as exc:
+        return f"{time.monotonic() - start:.1f}s: {exc}"
+    return "split"
+
+
+def ignores_sigterm(pid_path: str) -> None:
+    """Rank 0 ignores SIGTERM (as a rank stuck in native code may) and writes its pid; then rank 1 fails."""
+    if dist.get_rank() == 0:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        Path(pid_path).write_text(str(os.getpid()))
+    dist.barrier()
+    if dist.get_rank() == 1:
+        raise RuntimeError("rank 1 broke")
+    time.sleep(30)

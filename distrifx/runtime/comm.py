@@ -70,6 +70,17 @@ def _zeros_rows(x: torch.Tensor, dim: int, count: int, dtype: torch.dtype) -> to
     return x.new_zeros(shape, dtype=dtype)
 
 
+def _own_group(rank: int, groups: list[list[int]]) -> list[int]:
+    """The group of ``groups`` (a partition of the ranks) that ``rank`` is in."""
+    mine = [ranks for ranks in groups if rank in ranks]
+    if len(mine) != 1:
+        raise DistrifxError(
+            f"rank {rank} is in {len(mine) or 'none'} of the groups {groups}: split() takes a partition of "
+            "the ranks, each rank in exactly one group."
+        )
+    return mine[0]
+
+
 class Communicator(ABC):
     """The collectives distrifx graphs use. Subclasses implement the transport."""
 
@@ -145,26 +156,31 @@ class ProcessGroupCommunicator(Communicator):
         self._gather_by_sends = dist.get_backend(group) == "gloo"
 
     def split(self, groups: list[list[int]]) -> Communicator:
-        mine = None
-        for ranks in groups:  # new_group is collective: every rank creates every group, in order
-            group = dist.new_group([self._global_ranks[r] for r in ranks])
-            if self.rank in ranks:
-                mine = ProcessGroupCommunicator(group, self.timeout_s)
-        if mine is None:
-            raise DistrifxError(f"rank {self.rank} is in none of the groups {groups}")
-        return mine
+        # new_group is collective: every rank creates every group, in order
+        created = [self._new_group(ranks, groups) for ranks in groups]
+        return ProcessGroupCommunicator(created[groups.index(_own_group(self.rank, groups))], self.timeout_s)
+
+    def _new_group(self, ranks: list[int], groups: list[list[int]]) -> dist.ProcessGroup:
+        try:
+            return dist.new_group([self._global_ranks[r] for r in ranks], timeout=timedelta(seconds=self.timeout_s))
+        except RuntimeError as exc:
+            raise self._failed(f"creating the group {ranks} of split({groups})", str(exc)) from exc
+
+    def _failed(self, what: str, cause: str) -> CollectiveTimeoutError:
+        return CollectiveTimeoutError(
+            f"rank {self.rank}: {what} failed or timed out after {self.timeout_s:.0f}s: {cause}. "
+            "A peer rank probably died or runs a different graph; check its log, or pass a larger timeout_s "
+            "if it is only slow."
+        )
 
     def _wait(self, works: list[dist.Work], what: str) -> None:
         for work in works:
             try:
                 ok = work.wait(timedelta(seconds=self.timeout_s))
             except RuntimeError as exc:
-                raise CollectiveTimeoutError(
-                    f"rank {self.rank}: {what} failed or timed out after {self.timeout_s:.0f}s: {exc}. "
-                    "A peer rank probably died or runs a different graph; check its log."
-                ) from exc
+                raise self._failed(what, str(exc)) from exc
             if ok is False:
-                raise CollectiveTimeoutError(f"rank {self.rank}: {what} timed out after {self.timeout_s:.0f}s")
+                raise self._failed(what, "a peer rank did not join it in time")
 
     def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
         if self._gather_by_sends:
@@ -205,6 +221,7 @@ class SimulatedWorld:
 
     Collectives are matched by each rank's call sequence number, exactly as a real backend
     matches them by call order. If any rank fails, :meth:`abort` makes every wait raise.
+    ``timeout_s`` is its groups' default; each wait is bounded by its own group's ``timeout_s``.
     """
 
     def __init__(self, world_size: int, timeout_s: float = 120.0) -> None:
@@ -223,6 +240,7 @@ class SimulatedWorld:
         with self._cond:
             if ranks not in self._subworlds:
                 self._subworlds[ranks] = SimulatedWorld(len(ranks), self.timeout_s)
+                self._subworlds[ranks]._error = self._error  # a peer that failed before the split
             return self._subworlds[ranks]
 
     def abort(self, error: BaseException) -> None:
@@ -244,11 +262,12 @@ class SimulatedWorld:
             self._reads[key] = readers
             self._cond.notify_all()
 
-    def take(self, key: tuple, rank: int) -> torch.Tensor:
+    def take(self, key: tuple, rank: int, timeout_s: float) -> torch.Tensor:
+        """Wait up to ``timeout_s`` (the waiting rank's) for ``key``'s tensor and return it."""
         with self._cond:
-            if not self._cond.wait_for(lambda: key in self._mail or self._error is not None, self.timeout_s):
+            if not self._cond.wait_for(lambda: key in self._mail or self._error is not None, timeout_s):
                 raise CollectiveTimeoutError(
-                    f"simulated rank {rank}: collective {key} timed out after {self.timeout_s:.0f}s "
+                    f"simulated rank {rank}: collective {key} timed out after {timeout_s:.0f}s "
                     "(a peer rank is missing or out of step)"
                 )
             if self._error is not None and key not in self._mail:
@@ -269,7 +288,7 @@ class SimulatedGroup(Communicator):
         self._seq = 0
 
     def split(self, groups: list[list[int]]) -> Communicator:
-        (ranks,) = [g for g in groups if self.rank in g]
+        ranks = _own_group(self.rank, groups)
         sub = SimulatedGroup(self.world.subworld(tuple(ranks)), ranks.index(self.rank))
         sub.timeout_s = self.timeout_s
         return sub
@@ -278,10 +297,13 @@ class SimulatedGroup(Communicator):
         self._seq += 1
         return self._seq
 
+    def _take(self, key: tuple) -> torch.Tensor:
+        return self.world.take(key, self.rank, self.timeout_s)
+
     def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
         seq = self._next()
         self.world.post((seq, "gather", self.rank), x, readers=self.world_size)
-        return lambda: torch.cat([self.world.take((seq, "gather", r), self.rank) for r in range(self.world_size)], dim)
+        return lambda: torch.cat([self._take((seq, "gather", r)) for r in range(self.world_size)], dim)
 
     def _exchange(
         self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
@@ -289,7 +311,7 @@ class SimulatedGroup(Communicator):
         seq = self._next()
         for peer, t in sends.items():
             self.world.post((seq, "p2p", self.rank, peer), t, readers=1)
-        return lambda: {peer: self.world.take((seq, "p2p", peer, self.rank), self.rank) for peer in recvs}
+        return lambda: {peer: self._take((seq, "p2p", peer, self.rank)) for peer in recvs}
 
 
 class TimingCommunicator(Communicator):
@@ -301,7 +323,7 @@ class TimingCommunicator(Communicator):
     """
 
     def split(self, groups: list[list[int]]) -> Communicator:
-        (ranks,) = [g for g in groups if self.rank in g]
+        ranks = _own_group(self.rank, groups)
         return TimingCommunicator(ranks.index(self.rank), len(ranks), self.timeout_s)
 
     def _all_gather(self, x: torch.Tensor, dim: int) -> Callable[[], torch.Tensor]:
