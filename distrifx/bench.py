@@ -80,6 +80,10 @@ class BenchCase:
             raise ConfigError(f"bench case {self.label!r}: a CFG split puts the two halves of an even batch on "
                               "two groups of real ranks: it needs an even --batch and world size, and runs "
                               "neither alone (--project) nor for the unmodified model")
+        if self.steps <= self.first_steady_step:
+            raise ConfigError(f"bench case {self.label!r}: {self.steps} steps leave none to time after the first "
+                              f"{self.first_steady_step} (the first call, stale mode's warm-up, a compiled "
+                              f"backend's compiling call); pass --steps {self.first_steady_step + 1} or more")
         if self.mode == "copies" and (self.projected or self.world_size < 2):
             raise ConfigError(f"bench case {self.label!r}: copies run the unmodified model on every one of "
                               "world_size >= 2 real ranks at once; they cannot be timed alone or on one rank")
@@ -165,11 +169,24 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _peak_memory(device: str) -> int:
-    """Peak GPU memory allocated on ``cuda``, else this process's peak resident memory."""
+def reset_peak_memory(device: str) -> None:
+    """Start :func:`peak_memory` from now (on a CPU where Linux lets a process reset its ``VmHWM``)."""
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass  # not Linux: the peak stays the process's lifetime one
+
+
+def peak_memory(device: str) -> int:
+    """Peak GPU memory allocated on ``cuda``, else this process's peak resident memory, in bytes;
+    since the last :func:`reset_peak_memory` where it could reset."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    hwm = _status_bytes("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def build_case(case: BenchCase) -> tuple[torch.nn.Module, Any, torch.Tensor, dict, torch.Tensor]:
@@ -209,6 +226,7 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
     import torch.distributed as dist
 
     model, pmodel, sample, kwargs, timesteps = build_case(case)
+    reset_peak_memory(case.device)  # not the build's: a model cast to another dtype was built in float32
     steps = []
     with torch.no_grad():
         for i, t in enumerate(timesteps):
@@ -236,7 +254,7 @@ def bench_rank(case: BenchCase) -> dict[str, Any]:
         "state_bytes": state_bytes,
         "exchanges": {phase: _exchanges(program, phase) for phase in program.graphs} if program else {},
         "build_s": pmodel.build_seconds if pmodel is not None else 0.0,
-        "peak_bytes": _peak_memory(case.device),
+        "peak_bytes": peak_memory(case.device),
         "cores": sorted(os.sched_getaffinity(0)),
     }
 
@@ -248,12 +266,14 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
     first_steady = case.first_steady_step
     per_rank = []
     for rank_rounds in zip(*rounds):
-        steady = [s for r in rank_rounds for s in (r["steps"][first_steady:] or r["steps"][-1:])]
+        steady = [s for r in rank_rounds for s in r["steps"][first_steady:]]
         warmup = [s["wall_s"] for r in rank_rounds for s in r["steps"][1:first_steady]
                   if s["phase"] == Phase.WARMUP]
         walls = [s["wall_s"] for s in steady]
         wall, wait = statistics.median(walls), statistics.median(s["wait_s"] for s in steady)
-        per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wait_s": wait,
+        quartiles = statistics.quantiles(walls, n=4)[::2] if len(walls) > 1 else [wall, wall]
+        per_rank.append({"wall_s": wall, "wall_range_s": [min(walls), max(walls)], "wall_quartiles_s": quartiles,
+                         "wait_s": wait,
                          "background_cpu_s": statistics.median(s["background_cpu_s"] for s in steady),
                          "compute_s": wall - wait, "bytes_sent": steady[-1]["bytes_sent"],
                          "warmup_wall_s": statistics.median(warmup) if warmup else None,
@@ -266,7 +286,8 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
         "label": case.label,
         "rounds": len(rounds),
         "step_s": slowest["wall_s"],
-        "step_range_s": slowest["wall_range_s"],  # fastest and slowest steady step: the run's own noise
+        "step_range_s": slowest["wall_range_s"],  # fastest and slowest steady step
+        "step_quartiles_s": slowest["wall_quartiles_s"],  # the middle half of the steady steps: the run's noise
         # stale mode's synchronous warm-up steps (after the first call), slowest rank; None without any
         "warmup_step_s": max((r["warmup_wall_s"] for r in per_rank if r["warmup_wall_s"] is not None), default=None),
         "compute_s": slowest["compute_s"],
@@ -277,6 +298,7 @@ def _summarize(case: BenchCase, rounds: list[list[dict[str, Any]]]) -> dict[str,
         "exchanges": slowest["exchanges"],  # [count, bytes] blocking and overlapped, from the plan
         "state_bytes": max(r["state_bytes"] for r in every),
         "peak_bytes": max(r["peak_bytes"] for r in every),
+        "peak_after_build": True,  # the peak is the steps' (older results' included building the model)
         "build_s": max(r["build_s"] for r in every),
         "per_rank": per_rank,
     }
@@ -438,12 +460,21 @@ SD_VAE = dict(
 )
 
 
+def _status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` (Linux) in bytes, or None where there is none."""
+    try:
+        lines = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return None
+    return next((int(line.split()[1]) * 1024 for line in lines if line.startswith(f"{field}:")), None)
+
+
 def rss_bytes() -> int:
     """This process's resident memory now (``VmRSS``), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
+    rss = _status_bytes("VmRSS")
+    if rss is None:
+        raise RuntimeError("no VmRSS in /proc/self/status: resident memory is measured on Linux only")
+    return rss
 
 
 def vae_memory_rank(latent: int) -> dict[str, float]:
@@ -461,11 +492,12 @@ def vae_memory_rank(latent: int) -> dict[str, float]:
     if world > 1:
         decode.program(z)  # capture and build first: their memory is not the decoder's activations
     before = rss_bytes()
+    reset_peak_memory("cpu")
     start = time.perf_counter()
     with torch.no_grad():
         image = decode(z).sample
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_memory("cpu")
     return {"seconds": seconds, "pixels": image.shape[-1], "peak_bytes": peak, "decode_bytes": peak - before}
 
 

@@ -25,8 +25,8 @@ from distrifx.launch import adopt, process_context
 from distrifx.metrics import psnr, ssim
 from distrifx.plots import figure
 
-__all__ = ["FidelityCase", "run_fidelity", "psnr_by_seed", "paired_gaps", "standard_error", "fidelity_table",
-           "fidelity_figure", "warmup_sweep", "warmup_figure", "FIDELITY_TARGET_DB"]
+__all__ = ["FidelityCase", "run_fidelity", "psnr_by_seed", "psnr_summary", "paired_gaps", "standard_error",
+           "fidelity_table", "fidelity_figure", "warmup_sweep", "warmup_figure", "FIDELITY_TARGET_DB"]
 
 FIDELITY_TARGET_DB = 20.0  # stale above naive, PSNR against one device
 PROMPTS = ("red circle", "blue square", "green triangle", "yellow ring", "purple circle", "white square")
@@ -144,6 +144,12 @@ def psnr_by_seed(rows: list[dict[str, Any]], label: str) -> dict[int, float]:
     return {r["seed"]: min(r["psnr_db"], 99.0) for r in rows if r["label"] == label}
 
 
+def psnr_summary(rows: list[dict[str, Any]], label: str) -> tuple[float, float, float]:
+    """Configuration ``label``'s PSNR over seeds: (mean, lowest, highest); identical images count as 99 dB."""
+    values = list(psnr_by_seed(rows, label).values())
+    return statistics.fmean(values), min(values), max(values)
+
+
 def paired_gaps(rows: list[dict[str, Any]], label: str, base: str) -> list[float]:
     """Per seed (the same prompt and initial noise), configuration ``label``'s PSNR minus ``base``'s."""
     floor = psnr_by_seed(rows, base)
@@ -160,10 +166,9 @@ def fidelity_table(rows: list[dict[str, Any]]) -> str:
     labels = list(dict.fromkeys(r["label"] for r in rows))
     lines = ["| configuration | PSNR vs 1 device (dB): mean [min, max] | SSIM | seeds |", "|---|---|---|---|"]
     for label in labels:
-        values = list(psnr_by_seed(rows, label).values())
-        mean_ssim = sum(r["ssim"] for r in rows if r["label"] == label) / len(values)
-        lines.append(f"| {label} | {sum(values) / len(values):.1f} [{min(values):.1f}, {max(values):.1f}] | "
-                     f"{mean_ssim:.3f} | {len(values)} |")
+        ssims = [r["ssim"] for r in rows if r["label"] == label]
+        mean, low, high = psnr_summary(rows, label)
+        lines.append(f"| {label} | {mean:.1f} [{low:.1f}, {high:.1f}] | {statistics.fmean(ssims):.3f} | {len(ssims)} |")
     return "\n".join(lines)
 
 

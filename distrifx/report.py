@@ -19,7 +19,7 @@ import torch
 from distrifx.bench import baseline_key, markdown_table, read_results, vae_memory_table
 from distrifx.breakdown import breakdown_findings, breakdown_table
 from distrifx.errors import ConfigError
-from distrifx.fidelity import (FIDELITY_TARGET_DB, FidelityCase, fidelity_table, paired_gaps, psnr_by_seed,
+from distrifx.fidelity import (FIDELITY_TARGET_DB, FidelityCase, fidelity_table, paired_gaps, psnr_summary,
                                standard_error, warmup_sweep)
 
 __all__ = ["SUITES", "run_suite", "render", "report"]
@@ -321,10 +321,12 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
     out += _ceiling_findings(results)
     out += _warmup_findings(results)
     if eager:
-        spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
-        out.append(f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% "
-                   f"of their median (the single-rank baseline: {eager['step_range_s'][0]:.3f} to "
-                   f"{eager['step_range_s'][1]:.3f} s); read speedups to about that precision.")
+        out.append(_noise_finding(results, eager))
+    if any(r["case"].get("device") == "cuda" and r["case"]["dtype"] != "float32" and not r.get("peak_after_build")
+           for r in results):
+        out.append("Peak memory here includes building the model in float32 before casting it (measured before "
+                   "distrifx bench reset the peak after the build): each run's own peak is lower, by up to the "
+                   "size of the float32 weights.")
     if any(r["speedup"] and r["speedup"] > r["case"]["world_size"] for r in results):
         out.append("Speedups above N x are possible here: self-attention costs grow with the square of the tokens, "
                    "and a naive patch attends only to its own; a patch's activations also fit the caches better "
@@ -338,6 +340,22 @@ def _speed_findings(results: list[dict[str, Any]], cpu_count: int) -> list[str]:
                    "all exchanges) (`distrifx.bench.projected_step`); stale exchanges are assumed to overlap "
                    "compute fully, sync ones not at all, and communication not to slow compute down.")
     return out + _published_comparison(results)
+
+
+def _noise_finding(results: list[dict[str, Any]], eager: dict[str, Any]) -> str:
+    """How much a configuration's steady steps vary within the run: the middle half of them where the
+    results hold it, else fastest to slowest (where one preempted step sets the slowest)."""
+    if all("step_quartiles_s" in r for r in results):
+        spread = max((r["step_quartiles_s"][1] - r["step_quartiles_s"][0]) / r["step_s"] for r in results)
+        low, high = eager["step_quartiles_s"]
+        return (f"Noise: within one run the middle half of a configuration's steady steps spans up to "
+                f"{100 * spread:.0f}% of their median (the single-rank baseline: {low:.3f} to {high:.3f} s); read "
+                "speedups to about that precision.")
+    spread = max((r["step_range_s"][1] - r["step_range_s"][0]) / r["step_s"] for r in results)
+    low, high = eager["step_range_s"]
+    return (f"Noise: within one run the steady steps of a configuration spread by up to {100 * spread:.0f}% of "
+            f"their median (the single-rank baseline: {low:.3f} to {high:.3f} s), fastest to slowest step, so one "
+            "step slowed by the machine sets it: an upper bound on the noise of the medians.")
 
 
 def _alone_bound(alone: dict[str, Any], stale: dict[str, Any] | None) -> str:
@@ -556,8 +574,8 @@ def _speed_section(key: str, record: dict[str, Any], target: str | None, profile
     return "\n".join(lines)
 
 
-def _bytes_section(record: dict[str, Any]) -> str:
-    """Bytes per exchange kind from the compiler's plan for the first speed section's configuration."""
+def _bytes_section(key: str, record: dict[str, Any]) -> str:
+    """Bytes per exchange kind from the compiler's plan for speed section ``key``'s configuration."""
     import distrifx
     from distrifx.models import random_unet, unet_inputs
 
@@ -567,7 +585,8 @@ def _bytes_section(record: dict[str, Any]) -> str:
     plan = distrifx.explain(unet, args, kwargs, world_size=2, mode="stale")
     stale = _find(record["results"], "stale", 2)
     lines = ["## Bytes per step, by exchange", "",
-             "Rank 0 of 2 in stale mode, same model and latent as above, from the compiler's plan "
+             f"Rank 0 of 2 in stale mode, UNet `{case['model']}` at a {case['height']}x{case['width']} latent, batch "
+             f"{case['batch']} (the configuration of section {key}), from the compiler's plan at render time "
              "(`distrifx.explain(unet, args, kwargs, world_size=2, mode='stale').bytes_by_kind('stale')`):", "",
              "| exchange | count | sent by rank 0 per step (MiB) |", "|---|---|---|"]
     for kind, (count, sent) in sorted(plan.bytes_by_kind("stale").items()):
@@ -598,17 +617,16 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
     seed (the same prompt and initial noise), with the standard error of the mean gap; the target."""
 
     def mean(label: str) -> float:
-        return _mean_psnr(rows, label)
+        return psnr_summary(rows, label)[0]
 
     out = []
     for world in sorted({r["world_size"] for r in rows}):
         labels = {r["label"] for r in rows if r["world_size"] == world}
         naive, default, exact = (FidelityCase(world, mode).label for mode in ("naive", "stale", "sync"))
         if exact in labels:
-            values = list(psnr_by_seed(rows, exact).values())
+            floor, low, high = psnr_summary(rows, exact)
             out.append(f"N={world} sync (every exchange fresh: exact but for the order of floating-point sums): "
-                       f"{statistics.fmean(values):.1f} dB [{min(values):.1f}, {max(values):.1f}] (identical images "
-                       "count as 99): "
+                       f"{floor:.1f} dB [{low:.1f}, {high:.1f}] (identical images count as 99): "
                        "the part of a stale configuration's difference that is not staleness.")
         stale = sorted((label for label in labels if label not in (naive, exact)), key=mean)
         if naive not in labels or not stale:
@@ -630,11 +648,6 @@ def _fidelity_findings(rows: list[dict[str, Any]]) -> list[str]:
                            f"+{FIDELITY_TARGET_DB:.0f} dB on average {_verdict(gap >= FIDELITY_TARGET_DB)}.")
         out += _variant_findings(rows, world, labels)
     return out
-
-
-def _mean_psnr(rows: list[dict[str, Any]], label: str) -> float:
-    """Configuration ``label``'s PSNR averaged over seeds (identical images count as 99 dB)."""
-    return statistics.fmean(psnr_by_seed(rows, label).values())
 
 
 # Fidelity sections also sweep warm-ups: each against the default's, paired by seed.
@@ -660,7 +673,7 @@ def _variant_findings(rows: list[dict[str, Any]], world: int, labels: set[str]) 
             gaps = paired_gaps(rows, row["label"], base)
             made = f", {row['warmup_calls']} of {row['steps']} steps" if option == "warmup_fraction" else ""
             out.append(f"N={world}, {what(getattr(case, option))}{made} ({row['label']}): "
-                       f"{_mean_psnr(rows, row['label']):.1f} dB, "
+                       f"{psnr_summary(rows, row['label'])[0]:.1f} dB, "
                        f"{statistics.fmean(gaps):+.2f} dB against {against} (standard error "
                        f"{standard_error(gaps):.2f} dB over seeds; better on {sum(g > 0 for g in gaps)} of "
                        f"{len(gaps)}){over}.")
@@ -769,7 +782,7 @@ def render(out: Path, suite: str = "docs") -> str:
     sections += [_stamped(_speed_section(key, records[key], targets.get(records[key]["machine"]), target_profile),
                           records[key]) for key in speed]
     if speed:
-        sections.append(_bytes_section(records[speed[0]]))
+        sections.append(_bytes_section(speed[0], records[speed[0]]))
     sections += [_stamped(_profile_section(key, records[key]), records[key]) for key in profiles]
     for key, record in records.items():
         if suite_argv[key][0] == "fidelity":

@@ -69,6 +69,7 @@ def test_rounds_interleave_the_cases_and_pool_their_steady_steps(monkeypatch):
     eager, stale = bench.run_cases(cases, rounds=2, progress=False)
     assert calls == ["eager", "stale", "eager", "stale"]
     assert eager["rounds"] == 2 and eager["step_s"] == 5.0 and eager["step_range_s"] == [4.0, 6.0]
+    assert eager["step_quartiles_s"] == [4.0, 6.0] and eager["peak_after_build"]
     assert stale["step_s"] == 2.5 and stale["speedup"] == 2.0 and stale["compute_s"] == pytest.approx(2.4)
 
 
@@ -591,6 +592,50 @@ def test_one_rank_alone_is_called_a_bound_only_when_it_is_one(alone_s, expected)
                _speed_result("stale", 2, alone_s, projected=True)]
     (finding,) = [f for f in _speed_findings(results, 2) if f.startswith("One stale rank timed alone")]
     assert expected in finding
+
+
+def test_noise_is_the_middle_half_of_the_steps_where_the_results_hold_it():
+    from distrifx.report import _speed_findings
+
+    results = [_speed_result("eager", 1, 5.0), _speed_result("stale", 2, 2.5)]
+    for r in results:
+        r["step_range_s"] = [r["step_s"], 3 * r["step_s"]]  # one step slowed by the machine
+    (old,) = [f for f in _speed_findings(results, 2) if f.startswith("Noise")]
+    assert "spread by up to 200% of their median (the single-rank baseline: 5.000 to 15.000 s), fastest to slowest" in old
+    for r in results:
+        r["step_quartiles_s"] = [0.95 * r["step_s"], 1.05 * r["step_s"]]
+    (new,) = [f for f in _speed_findings(results, 2) if f.startswith("Noise")]
+    assert "middle half of a configuration's steady steps spans up to 10% of their median" in new
+    assert "(the single-rank baseline: 4.750 to 5.250 s)" in new
+
+
+def test_gpu_peak_memory_measured_with_the_build_is_flagged():
+    from distrifx.report import _speed_findings
+
+    results = [_speed_result("eager", 1, 5.0)]
+    results[0]["case"].update(device="cuda", dtype="float16")
+    flagged = "Peak memory here includes building the model in float32"
+    assert any(f.startswith(flagged) for f in _speed_findings(results, 2))
+    results[0]["peak_after_build"] = True
+    assert not any(f.startswith(flagged) for f in _speed_findings(results, 2))
+
+
+def test_peak_memory_restarts_after_a_reset():
+    from distrifx.bench import peak_memory, reset_peak_memory, rss_bytes
+
+    scratch = torch.ones(64 * 2**20 // 4)  # 64 MiB, then freed: a peak before the reset
+    del scratch
+    before = peak_memory("cpu")
+    reset_peak_memory("cpu")
+    after = peak_memory("cpu")
+    assert after < before - 32 * 2**20
+    assert after >= rss_bytes() - 2**20
+
+
+def test_a_bench_case_needs_a_step_to_time():
+    with pytest.raises(ConfigError, match=r"4 steps leave none to time after the first 4 .* pass --steps 5 or more"):
+        BenchCase(mode="stale", steps=4, warmup_steps=4)
+    BenchCase(mode="stale", steps=5, warmup_steps=4)
 
 
 def test_one_rank_alone_without_ranks_run_together_is_a_bound_without_communication():
