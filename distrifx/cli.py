@@ -74,7 +74,8 @@ def _add_stale_options(p: argparse.ArgumentParser, unset: bool = False) -> None:
                         "docs/benchmarks.md)")
     p.add_argument("--fresh", choices=FRESH_KINDS, nargs="*", default=None if unset else [],
                    help="exchanges stale mode still does synchronously, of: halo, kv (default none; 'halo' with "
-                        "--gn-variant sync leaves only keys/values stale, measured in docs/benchmarks.md)")
+                        "GroupNorm's statistics synchronous too, gn_variant sync, leaves only keys/values stale, "
+                        "measured in docs/benchmarks.md)")
     p.add_argument("--bucket-mb", type=float, default=None if unset else 0.0,
                    help="send stale mode's exchanges in collectives of up to this many MiB instead of one each "
                         "(default 0: one each; 2 and 8 are measured in docs/benchmarks.md)")
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--world-size", type=int, default=2)
     comp.add_argument("--mode", choices=MODES, default="stale")
     comp.add_argument("--warmup-steps", type=int, default=4)
+    comp.add_argument("--gn-variant", choices=GN_VARIANTS, default="corrected",
+                      help="stale mode's GroupNorm statistics after warm-up (default corrected)")
     comp.add_argument("--cfg-parallel", choices=["auto", "on", "off"], default="auto",
                       help="put the two halves of a guidance batch on two rank groups (default auto)")
     _add_stale_options(comp)
@@ -464,7 +467,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
     options = dict(mode=args.mode, warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction,
-                   cfg_parallel=_CFG_PARALLEL[args.cfg_parallel], stale_dtype=args.stale_dtype,
+                   gn_variant=args.gn_variant, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel], stale_dtype=args.stale_dtype,
                    extrapolate=args.extrapolate, fresh=args.fresh, bucket_mb=args.bucket_mb, format=args.format)
     start = time.perf_counter()
     if args.component == "vae":

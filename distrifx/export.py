@@ -36,7 +36,6 @@ import json
 import operator
 import os
 import re
-import shutil
 import tempfile
 import threading
 import weakref
@@ -77,8 +76,20 @@ __all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest"
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 3
-# Options exports of this manifest version may predate, as the programs they hold were compiled.
-OPTIONS_ADDED: dict[str, Any] = {"extrapolate": 0.0, "fresh": [], "warmup_fraction": 0.0, "bucket_mb": 0.0}
+# ParallelConfig's fields that are not the manifest's ``options``: the export stores the world size and CFG split
+# apart, and the loading process chooses the others.
+_NOT_OPTIONS = ("world_size", "cfg_parallel", "backend", "timeout_s")
+# The options every manifest of this version stores. The others were added since: an export that predates one
+# reads as compiled with its ParallelConfig default, which is how its programs were built.
+FIRST_OPTIONS = ("mode", "warmup_steps", "gn_variant", "kv_exchange", "stale_dtype")
+# The manifest's top-level entries and their JSON types (read_manifest checks them; load, the entries inside).
+_FIELDS: dict[str, tuple[type, ...]] = {
+    "distrifx_version": (str,), "torch_version": (str,), "model": (dict,), "world_size": (int,), "cfg_split": (bool,),
+    "options": (dict,), "pipeline": (dict, type(None)), "inputs": (dict,), "out_spec": (str,), "segments": (dict,),
+    "ranks": (list,), "files": (dict,),
+}
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number",
+               bool: "a boolean", type(None): "null"}
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
 _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
@@ -321,6 +332,29 @@ def _json_safe(value: object, where: str) -> object:
     return _literal(value, where)
 
 
+def _option_value(value: object) -> object:
+    """An option's value as the manifest stores it: enums by value, dtypes by name, tuples as lists."""
+    return dtype_name(value) if isinstance(value, torch.dtype) else _json_safe(value, "options")
+
+
+def _option_fields() -> list[dataclasses.Field]:
+    """The fields of :class:`ParallelConfig` that the manifest's ``options`` store."""
+    return [f for f in dataclasses.fields(ParallelConfig) if f.name not in _NOT_OPTIONS]
+
+
+def _stored_options(config: ParallelConfig) -> dict[str, Any]:
+    """The manifest's ``options``: those of ``config``, as JSON."""
+    return {f.name: _option_value(getattr(config, f.name)) for f in _option_fields()}
+
+
+def _read_options(options: Mapping[str, Any], path: Path) -> dict[str, Any]:
+    """:class:`ParallelConfig`'s keyword arguments from a manifest's ``options`` (those it predates: defaults)."""
+    if missing := [name for name in FIRST_OPTIONS if name not in options]:
+        raise ArtifactError(f"{path}: the entry 'options' lacks {missing}; the file was damaged or edited. "
+                            "Export again.")
+    return {f.name: options.get(f.name, _option_value(f.default)) for f in _option_fields()}
+
+
 def _describe_model(model: nn.Module) -> dict[str, Any]:
     """What pipelines read from the model besides calling it, where the model has it."""
     described: dict[str, Any] = {"class": type(model).__name__, "recorded": {}}
@@ -402,14 +436,46 @@ def _input_signature(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, A
     }
 
 
-def _prepare(out: Path) -> None:
-    """Make ``out`` an empty export directory; only a previous export's own files are replaced."""
-    if out.exists() and any(out.iterdir()):
-        if not (out / MANIFEST).is_file():
-            raise ConfigError(f"{out} is not empty and holds no {MANIFEST}: choose a new directory for the export.")
-        shutil.rmtree(out / SEGMENT_DIR, ignore_errors=True)
-        (out / MANIFEST).unlink()
-    (out / SEGMENT_DIR).mkdir(parents=True, exist_ok=True)
+def _check_target(out: Path) -> None:
+    """Refuse, before any work, an ``out`` that is not a new or empty directory or a distrifx export."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file: export into a directory (a new one, or a previous export's).")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    if not (out / MANIFEST).is_file():
+        raise ConfigError(f"{out} is not empty and holds no {MANIFEST}: choose a new directory for the export.")
+    try:
+        read_manifest(out)
+    except ArtifactError as exc:
+        raise ConfigError(f"{out} holds a {MANIFEST} that is not a distrifx export this distrifx reads, so the "
+                          f"export does not replace it ({exc}). Choose a new directory, or delete {out} if it is "
+                          "an old or damaged export.") from exc
+
+
+@contextlib.contextmanager
+def _staged(out: Path) -> Iterator[Path]:
+    """A new hidden directory in ``out`` to write an export in, moved into place when the block succeeds.
+
+    On a failure it is deleted, and ``out`` is as it was: a previous export there still loads. Being in
+    ``out``, it is on the same file system (the moves are renames) and writable wherever ``out`` is.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".distrifx-export-", dir=out) as tmp:
+        built = Path(tmp)
+        (built / SEGMENT_DIR).mkdir()
+        yield built
+        _swap_in(built, out)
+
+
+def _swap_in(built: Path, out: Path) -> None:
+    """Replace the segments and manifest in ``out`` (a previous export's, or none) by those in ``built``.
+
+    The previous segments go into ``built``, to be deleted with it; other files in ``out`` stay.
+    """
+    if (out / SEGMENT_DIR).exists():
+        os.replace(out / SEGMENT_DIR, built / "replaced")
+    os.replace(built / SEGMENT_DIR, out / SEGMENT_DIR)
+    os.replace(built / MANIFEST, out / MANIFEST)
 
 
 def _check_format(format: str, flat: list[Any]) -> None:
@@ -482,7 +548,9 @@ def export(
     each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The
     files are specialized to the shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
     stored in the manifest as the pipeline arguments the call came from (see
-    :func:`export_pipeline`). Load the files on each rank with :func:`load`.
+    :func:`export_pipeline`). Load the files on each rank with :func:`load`. ``out_dir`` is a new or empty
+    directory or a previous export, whose segments and manifest are replaced once the new export is complete
+    (it is written in a hidden directory in ``out_dir`` first; a failed export leaves the previous one as it was).
 
     Example:
         >>> distrifx.export(unet, "unet-2r", 2, args=(x, t), kwargs={"encoder_hidden_states": ctx},
@@ -498,40 +566,36 @@ def export(
                             cfg_parallel=cfg_parallel, stale_dtype=stale_dtype, extrapolate=extrapolate, fresh=fresh,
                             bucket_mb=bucket_mb)
     out = Path(out_dir)
-    _prepare(out)
+    _check_target(out)
     model = model.eval()
     captured, splits, flat, cfg_split = _patch_programs(model, config, tuple(args), kwargs)
     phases = phases_for(config.mode)
     examples = _record_examples(splits, captured.out_spec, flat, phases)
 
     distinct, segment_files = _distinct_segments(splits, phases, examples, format)
-    layout = _WRITERS[format](distinct, out)
-    manifest = {
-        "manifest_version": MANIFEST_VERSION,
-        "format": format,
-        "distrifx_version": distrifx.__version__,
-        "torch_version": torch.__version__,
-        "model": _describe_model(model),
-        "world_size": world_size,
-        "cfg_split": cfg_split,
-        "options": {"mode": config.mode.value, "warmup_steps": config.warmup_steps,
-                    "warmup_fraction": config.warmup_fraction,
-                    "gn_variant": config.gn_variant.value, "kv_exchange": config.kv_exchange.value,
-                    "stale_dtype": dtype_name(config.stale_dtype), "extrapolate": config.extrapolate,
-                    "fresh": list(config.fresh), "bucket_mb": config.bucket_mb},
-        "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
-        "inputs": _input_signature(model, tuple(args), kwargs),
-        "out_spec": treespec_dumps(captured.out_spec),
-        "segments": layout,
-        "ranks": [
-            {phase: _program(graphs[phase], segment_files[(rank, phase)]) for phase in phases}
-            for rank, graphs in enumerate(splits)
-        ],
-        "files": {str(p.relative_to(out)): _sha256(p) for p in sorted((out / SEGMENT_DIR).iterdir())},
-    }
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest, indent=1))
-    return path
+    with _staged(out) as built:
+        layout = _WRITERS[format](distinct, built)
+        manifest = {
+            "manifest_version": MANIFEST_VERSION,
+            "format": format,
+            "distrifx_version": distrifx.__version__,
+            "torch_version": torch.__version__,
+            "model": _describe_model(model),
+            "world_size": world_size,
+            "cfg_split": cfg_split,
+            "options": _stored_options(config),
+            "pipeline": None if pipeline is None else _json_safe(pipeline, "pipeline"),
+            "inputs": _input_signature(model, tuple(args), kwargs),
+            "out_spec": treespec_dumps(captured.out_spec),
+            "segments": layout,
+            "ranks": [
+                {phase: _program(graphs[phase], segment_files[(rank, phase)]) for phase in phases}
+                for rank, graphs in enumerate(splits)
+            ],
+            "files": {str(p.relative_to(built)): _sha256(p) for p in sorted((built / SEGMENT_DIR).iterdir())},
+        }
+        (built / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out / MANIFEST
 
 
 # -- exporting a pipeline's denoiser -------------------------------------------------------------
@@ -605,7 +669,12 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
 
 # -- loading -------------------------------------------------------------------------------------
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of the export in ``out_dir``, checked to be one this distrifx reads."""
+    """The manifest of the export in ``out_dir``, checked to be one this distrifx reads.
+
+    Checked: its version and format, every entry and its JSON type, one program per patch rank. Its ``options``
+    are :class:`ParallelConfig`'s keyword arguments, every option included (those the export predates at their
+    defaults).
+    """
     out = Path(out_dir)
     path = out / MANIFEST
     if not path.is_file():
@@ -613,16 +682,48 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
                             "(write one with distrifx.export(...)).")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8
         raise ArtifactError(f"{path} is not valid JSON ({exc}); export again.") from exc
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} holds {_json_type(manifest)}, not an object: it is not a distrifx manifest. "
+                            "Export again.")
     if manifest.get("manifest_version") != MANIFEST_VERSION or manifest.get("format") not in FORMATS:
         raise ArtifactError(
             f"{path} is manifest version {manifest.get('manifest_version')!r}, format {manifest.get('format')!r}; "
             f"this distrifx reads version {MANIFEST_VERSION}, formats {FORMATS}. Export again with this distrifx."
         )
-    for option, value in OPTIONS_ADDED.items():
-        manifest["options"].setdefault(option, value)
-    return manifest
+    _check_fields(manifest, path)
+    _check_ranks(manifest, path)
+    return {**manifest, "options": _read_options(manifest["options"], path)}
+
+
+def _json_type(value: object) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _check_fields(manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse a manifest that lacks one of its entries or holds one of another JSON type."""
+    for field, types in _FIELDS.items():
+        if field not in manifest:
+            raise ArtifactError(f"{path} lacks the entry {field!r}; the file was damaged or edited. Export again.")
+        if not isinstance(manifest[field], types):
+            wanted = " or ".join(_JSON_TYPES[t] for t in types)
+            raise ArtifactError(f"{path}: the entry {field!r} is {_json_type(manifest[field])}, not {wanted}; the "
+                                "file was damaged or edited. Export again.")
+
+
+def _check_ranks(manifest: Mapping[str, Any], path: Path) -> None:
+    """Refuse a manifest without one program per patch rank: world_size, or half of it with a CFG split."""
+    world, split, count = manifest["world_size"], manifest["cfg_split"], len(manifest["ranks"])
+    if world < 1 or (split and world % 2):
+        raise ArtifactError(f"{path}: the entry 'world_size' is {world}{' with a CFG split' if split else ''}, "
+                            "which no export has (a positive integer, even with a CFG split); the file was damaged "
+                            "or edited. Export again.")
+    patch = world // 2 if split else world
+    if count != patch:
+        needs = f"{patch} (one per patch rank of a CFG split)" if split else f"{patch} (one per rank)"
+        raise ArtifactError(f"{path}: the entry 'ranks' holds {count} rank programs, but world_size {world} needs "
+                            f"{needs}; the file was damaged or edited. Export again.")
 
 
 def _major_minor(version: str) -> tuple[int, int]:
@@ -1004,8 +1105,8 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
         >>> pipe.unet = distrifx.load("sd-2r")      # an export_pipeline export, in the pipeline
     """
     out = Path(out_dir)
-    manifest = read_manifest(out)
     try:
+        manifest = read_manifest(out)
         _check_versions(manifest, out)
         if manifest["format"] == "onnx":
             _require("distrifx.load of an ONNX export", "onnxruntime")
@@ -1019,13 +1120,8 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
                 "whoever wrote the manifest); format='pt2' or 'onnx' exports hold no code."
             )
         _check_files(manifest, out)  # hashes every file: after the checks that need no reading
-        options = manifest["options"]
-        config = ParallelConfig(world_size=manifest["world_size"], mode=options["mode"],
-                                warmup_steps=options["warmup_steps"], warmup_fraction=options["warmup_fraction"],
-                                gn_variant=options["gn_variant"], kv_exchange=options["kv_exchange"],
-                                cfg_parallel=manifest["cfg_split"],
-                                stale_dtype=options["stale_dtype"], extrapolate=options["extrapolate"],
-                                fresh=options["fresh"], bucket_mb=options["bucket_mb"], timeout_s=timeout_s)
+        config = ParallelConfig(world_size=manifest["world_size"], cfg_parallel=manifest["cfg_split"],
+                                timeout_s=timeout_s, **manifest["options"])
         in_spec = _load_spec(manifest["inputs"]["in_spec"], "input")
         out_spec = _load_spec(manifest["out_spec"], "output")
         attributes = _model_attributes(manifest["model"])

@@ -72,8 +72,8 @@ def test_generate_loads_a_local_diffusers_directory(tmp_path):
 def engines(tmp_path_factory):
     """The default model's denoiser compiled for 2 ranks at 32x32 (the default guidance: a CFG split)."""
     out = tmp_path_factory.mktemp("engines")
-    main(["compile", "--world-size", "2", "--format", "pt2", "--mode", "sync", "--height", "32", "--width", "32",
-          "--out", str(out)])
+    main(["compile", "--world-size", "2", "--format", "pt2", "--mode", "sync", "--gn-variant", "sync", "--height",
+          "32", "--width", "32", "--out", str(out)])
     return out
 
 
@@ -81,6 +81,7 @@ def test_generate_runs_compiled_engines_and_equals_one_device(engines, tmp_path,
     """In this process (its imports are done): compile, then generate spawning two gloo ranks."""
     manifest = json.loads((engines / "manifest.json").read_text())
     assert manifest["pipeline"] == {"height": 32, "width": 32, "guidance_scale": 3.0} and manifest["cfg_split"]
+    assert manifest["options"]["gn_variant"] == "sync"
     out = tmp_path / "engines.png"
     main(["generate", "--engines", str(engines), "--prompt", "red circle", "--steps", "3", "--threads-per-rank", "1",
           "--out", str(out)])
@@ -101,6 +102,7 @@ def test_generate_runs_compiled_engines_and_equals_one_device(engines, tmp_path,
     (["--stale-dtype", "bfloat16"], r"--stale-dtype bfloat16 \(compiled: None\)"),
     (["--extrapolate", "0.5"], r"--extrapolate 0.5 \(compiled: 0.0\)"),
     (["--fresh", "kv", "halo"], r"--fresh \['halo', 'kv'\] \(compiled: \[\]\)"),
+    (["--gn-variant", "corrected"], r"--gn-variant corrected \(compiled: sync\)"),
 ])
 def test_generate_refuses_options_the_engines_were_not_compiled_for(engines, options, message):
     with pytest.raises(SystemExit, match=f"was compiled for height=32, width=32, guidance_scale=3.0, world size 2, "

@@ -3,6 +3,7 @@ loaded exports in diffusers pipelines, and every refusal of export and load."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -16,8 +17,11 @@ from diffusers.configuration_utils import FrozenDict
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 import distrifx
-from distrifx.errors import ArtifactError, InputSignatureError
-from distrifx.export import MANIFEST, OPTIONS_ADDED, read_manifest
+from distrifx.cli import build_parser
+from distrifx.config import ParallelConfig
+from distrifx.errors import ArtifactError, DistrifxError, InputSignatureError
+from distrifx.export import (_WRITERS, FIRST_OPTIONS, MANIFEST, _option_fields, _read_options, _stored_options,
+                             read_manifest)
 from distrifx.models import random_unet, unet_inputs
 from distrifx.runtime import SimulatedWorld
 from tests import export_workers
@@ -25,6 +29,7 @@ from tests.conftest import tensorrt_missing
 from tests.export_workers import ONE_LEVEL_SD15
 
 TIMESTEPS = [900, 600, 300]
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "compile.md"
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +185,21 @@ def test_an_export_written_before_an_option_existed_reads_as_compiled_with_its_d
     old = tmp_path / "old"
     shutil.copytree(exported("pt2", "stale"), old)
     manifest = json.loads((old / MANIFEST).read_text())
-    manifest["options"] = {k: v for k, v in manifest["options"].items() if k not in OPTIONS_ADDED}
+    manifest["options"] = {k: v for k, v in manifest["options"].items() if k in FIRST_OPTIONS}
     (old / MANIFEST).write_text(json.dumps(manifest))
     assert read_manifest(old)["options"] == {**manifest["options"], "extrapolate": 0.0, "fresh": [],
                                              "warmup_fraction": 0.0, "bucket_mb": 0.0}
+
+
+def test_every_option_survives_the_manifest():
+    """Each stored option set away from its default, through JSON and back, gives the same config."""
+    config = ParallelConfig(world_size=2, mode="naive", warmup_steps=2, warmup_fraction=0.3, gn_variant="sync",
+                            kv_exchange="hidden", cfg_parallel=False, stale_dtype="float16", extrapolate=0.5,
+                            fresh=("kv",), bucket_mb=8.0)
+    assert all(getattr(config, f.name) != f.default for f in _option_fields())
+    stored = json.loads(json.dumps(_stored_options(config)))
+    assert stored["stale_dtype"] == "float16" and stored["fresh"] == ["kv"] and stored["bucket_mb"] == 8.0
+    assert ParallelConfig(world_size=2, cfg_parallel=False, **_read_options(stored, Path(MANIFEST))) == config
 
 
 def test_manifest_describes_versions_inputs_files_and_every_ranks_program(exported):
@@ -237,6 +253,28 @@ def _edit_manifest(out: Path, **changes) -> None:
     manifest = json.loads((out / MANIFEST).read_text())
     manifest.update(changes)
     (out / MANIFEST).write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda m: [m], r" holds an array, not an object"),
+    (lambda m: {k: v for k, v in m.items() if k != "options"}, r" lacks the entry 'options'"),
+    (lambda m: {**m, "options": {k: v for k, v in m["options"].items() if k != "mode"}},
+     r": the entry 'options' lacks \['mode'\]"),
+    (lambda m: {**m, "world_size": "2"}, r": the entry 'world_size' is a string, not an integer"),
+    (lambda m: {**m, "ranks": m["ranks"][:1]}, r": the entry 'ranks' holds 1 rank programs, but world_size 2 needs 2 "
+                                               r"\(one per rank\)"),
+    (lambda m: {**m, "world_size": 4}, r": the entry 'ranks' holds 2 rank programs, but world_size 4 needs 4"),
+    (lambda m: {**m, "cfg_split": True}, r": the entry 'ranks' holds 2 rank programs, but world_size 2 needs 1 "
+                                         r"\(one per patch rank of a CFG split\)"),
+    (lambda m: {**m, "world_size": 3, "cfg_split": True}, r": the entry 'world_size' is 3 with a CFG split, which no "
+                                                          r"export has"),
+], ids=["a list", "no options", "options without mode", "world size a string", "a rank cut", "world size changed",
+        "cfg split changed", "odd cfg split"])
+def test_load_refuses_a_damaged_manifest_naming_the_entry(copy, damage, message):
+    manifest = json.loads((copy / MANIFEST).read_text())
+    (copy / MANIFEST).write_text(json.dumps(damage(manifest)))
+    with pytest.raises(ArtifactError, match=re.escape(str(copy / MANIFEST)) + f"{message}.*Export again"):
+        distrifx.load(copy)
 
 
 def test_load_refuses_another_world_size(exported):
@@ -333,6 +371,62 @@ def test_export_refuses_an_unknown_format_and_a_foreign_directory(model, tmp_pat
     with pytest.raises(distrifx.ConfigError, match="is not empty and holds no manifest.json"):
         distrifx.export(unet, tmp_path, 2, args=args, kwargs=kwargs)
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_export_refuses_a_foreign_manifest_and_a_file(model, tmp_path):
+    unet, args, kwargs = model
+    (tmp_path / MANIFEST).write_text('{"name": "my web app"}')
+    (tmp_path / "segments").mkdir()
+    (tmp_path / "segments" / "logo.png").write_text("mine")
+    with pytest.raises(distrifx.ConfigError, match=r"holds a manifest.json that is not a distrifx export this distrifx "
+                                                   r"reads, so the export does not replace it .*manifest version None"):
+        distrifx.export(unet, tmp_path, 2, args=args, kwargs=kwargs)
+    assert (tmp_path / "segments" / "logo.png").read_text() == "mine"
+    assert (tmp_path / MANIFEST).read_text() == '{"name": "my web app"}'
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(distrifx.ConfigError, match="file is a file: export into a directory"):
+        distrifx.export(unet, tmp_path / "file", 2, args=args, kwargs=kwargs)
+
+
+def test_compile_help_and_docs_name_exactly_the_flags_compile_has():
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    actions = subcommands.choices["compile"]._actions
+    flags = {flag for action in actions for flag in action.option_strings if flag.startswith("--")} - {"--help"}
+    in_help = set(re.findall(r"--[a-z][a-z-]*", " ".join(action.help or "" for action in actions)))
+    paragraph = re.search(r"`distrifx compile` loads the pipeline.*?\n\n", DOCS.read_text(), re.S)[0]
+    assert in_help <= flags and set(re.findall(r"--[a-z][a-z-]*", paragraph)) == flags
+
+
+def _failing_writer(distinct, out):
+    """A segment writer that fails after writing a file, as on a full disk."""
+    (out / distinct[0].file).write_bytes(b"half a segment")
+    raise DistrifxError("no space left on the device")
+
+
+@pytest.mark.parametrize("failure", ["capture", "writing"])
+def test_a_failed_export_leaves_the_previous_export_in_place(model, copy, monkeypatch, failure):
+    """Too many ranks for the latents' rows fails before any file is written; a failing writer, after one."""
+    unet, args, kwargs = model
+    world_size, message = (64, "does not split over 64 ranks") if failure == "capture" else (2, "no space left")
+    if failure == "writing":
+        monkeypatch.setitem(_WRITERS, "pt2", _failing_writer)
+    manifest = (copy / MANIFEST).read_text()
+    with pytest.raises(DistrifxError, match=message):
+        distrifx.export(unet, copy, world_size, args=args, kwargs=kwargs, mode="stale")
+    assert (copy / MANIFEST).read_text() == manifest
+    assert sorted(p.name for p in copy.iterdir()) == [MANIFEST, "segments"]  # the staging directory is gone
+    distrifx.load(copy, process_group=SimulatedWorld(2).group(0))  # every file as exported
+
+
+def test_an_export_replaces_a_previous_export_and_keeps_other_files(model, copy):
+    unet, args, kwargs = model
+    (copy / "notes.txt").write_text("mine")
+    distrifx.export(unet, copy, 2, args=args, kwargs=kwargs, mode="stale", warmup_steps=1)
+    manifest = read_manifest(copy)
+    assert manifest["options"]["mode"] == "stale" and (copy / "notes.txt").read_text() == "mine"
+    assert sorted(manifest["files"]) == sorted(f"segments/{p.name}" for p in (copy / "segments").iterdir())
+    assert sorted(p.name for p in copy.iterdir()) == [MANIFEST, "notes.txt", "segments"]
+    distrifx.load(copy, process_group=SimulatedWorld(2).group(0))
 
 
 def test_loaded_module_answers_what_pipelines_read(model, rank0):
