@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -63,8 +64,13 @@ def _enum(cls: type[enum.Enum], value: object, option: str) -> enum.Enum:
 
 
 def _is_number(value: object) -> bool:
-    """An int or float option value (a bool is neither here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float option value (a bool is neither here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    """An int option value (a bool is not one here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -124,16 +130,16 @@ class ParallelConfig:
         object.__setattr__(self, "stale_dtype", _stale_dtype(self.stale_dtype))
         object.__setattr__(self, "fresh", fresh_kinds(self.fresh))
         problems = []
-        if not isinstance(self.world_size, int) or self.world_size < 1:
+        if not _is_int(self.world_size) or self.world_size < 1:
             problems.append(f"world_size={self.world_size!r} must be a positive int")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+        if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps!r} must be an int >= 0")
         if not _is_number(self.warmup_fraction) or not 0.0 <= self.warmup_fraction < 1.0:
             problems.append(f"warmup_fraction={self.warmup_fraction!r} must be a number in [0, 1) (the share of the "
                             "timestep's range, from the generation's first, to run synchronously; 0: off)")
-        if self.cfg_parallel not in ("auto", True, False):
+        if not (isinstance(self.cfg_parallel, bool) or self.cfg_parallel == "auto"):
             problems.append(f"cfg_parallel={self.cfg_parallel!r} must be 'auto', True or False")
-        if self.cfg_parallel is True and isinstance(self.world_size, int) and self.world_size % 2:
+        if self.cfg_parallel is True and _is_int(self.world_size) and self.world_size % 2:
             problems.append(f"cfg_parallel=True needs an even world_size, got {self.world_size}")
         if not _is_number(self.extrapolate) or not 0.0 <= self.extrapolate <= 1.0:
             problems.append(f"extrapolate={self.extrapolate!r} must be a number in [0, 1] (0: the previous "
@@ -141,7 +147,7 @@ class ParallelConfig:
         if not _is_number(self.bucket_mb) or self.bucket_mb < 0:
             problems.append(f"bucket_mb={self.bucket_mb!r} must be a number >= 0 (MiB of stale exchanges sent "
                             "in one collective; 0: one collective per exchange)")
-        if not self.timeout_s > 0:
-            problems.append(f"timeout_s={self.timeout_s!r} must be > 0")
+        if not _is_number(self.timeout_s) or self.timeout_s <= 0:
+            problems.append(f"timeout_s={self.timeout_s!r} must be a number of seconds > 0")
         if problems:
             raise ConfigError("invalid parallel config: " + "; ".join(problems) + ".")

@@ -232,11 +232,14 @@ class DefaultPipeline:
         """Loads ``path/unet``, ``path/scheduler`` and the prompt embeddings, as written by :meth:`save_pretrained`."""
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
-        path = Path(path)
-        if not (path / EMBEDDINGS_FILE).is_file():
+        path = Path(path).expanduser()
+        parts = {"unet/": (path / "unet").is_dir(), "scheduler/": (path / "scheduler").is_dir(),
+                 EMBEDDINGS_FILE: (path / EMBEDDINGS_FILE).is_file()}
+        missing = [name for name, present in parts.items() if not present]
+        if missing:
             raise FileNotFoundError(
-                f"no default model in {path}: expected unet/, scheduler/ and {EMBEDDINGS_FILE}. "
-                "Create it with `python scripts/train_default_model.py --out PATH`."
+                f"no default model in {path}: expected unet/, scheduler/ and {EMBEDDINGS_FILE}, missing "
+                f"{', '.join(missing)}. Create it with `python scripts/train_default_model.py --out PATH`."
             )
         # The weights are small: the low-memory loading path would only warn about a missing extra.
         unet = UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False)

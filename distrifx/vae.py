@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distrifx.errors import ConfigError
+
 __all__ = ["VaeDecode", "parallelize_vae_decoder"]
 
 
@@ -35,5 +37,9 @@ def parallelize_vae_decoder(vae: nn.Module, world_size: int, **options: Any) -> 
     """
     from distrifx.api import parallelize
 
-    options = {**options, "mode": "sync", "cfg_parallel": False}
-    return parallelize(VaeDecode(vae), world_size, **options)
+    fixed = {"mode": "sync", "cfg_parallel": False}
+    conflicting = {k: v for k, v in options.items() if k in fixed and v != fixed[k]}
+    if conflicting:
+        raise ConfigError(f"parallelize_vae_decoder: {conflicting} does not apply: a decoder runs once per image, "
+                          "so it is always exact sync mode over one group of ranks; drop these options.")
+    return parallelize(VaeDecode(vae), world_size, **{**options, **fixed})

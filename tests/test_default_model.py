@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,9 +89,15 @@ def test_save_and_load_round_trip(tmp_path: Path):
     assert torch.equal(sample(pipe), sample(loaded))
 
 
-def test_missing_model_says_how_to_make_one(tmp_path: Path):
+def test_missing_model_says_what_is_missing_and_how_to_make_one(tmp_path: Path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="train_default_model.py"):
         DefaultPipeline.from_pretrained(tmp_path)
+    DefaultPipeline.untrained().save_pretrained(tmp_path / "model")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert isinstance(DefaultPipeline.from_pretrained("~/model"), DefaultPipeline)
+    shutil.rmtree(tmp_path / "model" / "scheduler")
+    with pytest.raises(FileNotFoundError, match=r"missing scheduler/\. Create it with"):
+        DefaultPipeline.from_pretrained(tmp_path / "model")
 
 
 class CountingUNet(nn.Module):

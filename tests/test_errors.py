@@ -56,6 +56,20 @@ def test_invalid_options(options, message):
         distrifx.parallelize(random_unet("sd15"), 2, **options)
 
 
+@pytest.mark.parametrize("options,message", [
+    ({"cfg_parallel": 1}, "cfg_parallel=1 must be 'auto', True or False"),
+    ({"bucket_mb": float("nan")}, "bucket_mb=nan must be a number >= 0"),
+    ({"bucket_mb": float("inf")}, "bucket_mb=inf must be a number >= 0"),
+    ({"timeout_s": "300"}, "timeout_s='300' must be a number of seconds > 0"),
+    ({"timeout_s": None}, "timeout_s=None must be a number of seconds > 0"),
+    ({"warmup_steps": True}, "warmup_steps=True must be an int >= 0"),
+    ({"world_size": True}, "world_size=True must be a positive int"),
+])
+def test_options_of_the_wrong_type_are_refused_by_name(options, message):
+    with pytest.raises(distrifx.ConfigError, match=re.escape(message)):
+        distrifx.ParallelConfig(**{"world_size": 2, **options})
+
+
 def test_invalid_options_name_every_problem():
     with pytest.raises(distrifx.ConfigError) as info:
         distrifx.ParallelConfig(world_size=0, warmup_steps=-2)

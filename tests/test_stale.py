@@ -189,6 +189,25 @@ def test_new_generation_restarts_warmup_and_reset_is_explicit():
     assert phases == ["warmup", "stale", "stale", "warmup", "stale", "warmup"]
 
 
+def test_a_python_number_timestep_is_one_graph_and_steps_like_a_tensor():
+    unet = random_unet("sd15")
+    samples, kwargs = _inputs(unet, 1)
+
+    def rank(group):
+        pmodel = distrifx.parallelize(unet, 2, mode="stale", warmup_steps=1, process_group=group)
+        outs, phases = [], []
+        for t in (900.0, 800.0, 700.0):  # each becomes a tensor, as the model would make it
+            outs.append(pmodel(samples[0], t, **kwargs).sample)
+            phases.append(pmodel.last_phase)
+        return outs, phases, len(pmodel._programs)
+
+    (outs, phases, programs), _ = distrifx.simulate(rank, 2)
+    assert phases == ["warmup", "stale", "stale"]
+    assert programs == 1  # not one graph per value
+    with torch.no_grad():
+        assert (outs[0] - unet(samples[0], 900.0, **kwargs).sample).abs().max() < 1e-5  # warm-up: exact
+
+
 def test_a_repeated_timestep_continues_only_a_generation_begun_by_reset():
     heun = (999, 888, 888, 777, 777)  # Heun-type schedulers evaluate each timestep after the first twice
     tracker = StepTracker()

@@ -74,3 +74,20 @@ def test_new_input_shape_recaptures():
         (outs, programs), _ = distrifx.simulate(rank, 2)
         assert programs == 2
         assert torch.allclose(outs[1], unet(*large, **kw_large).sample, atol=ATOL)
+
+
+def test_a_replaced_non_persistent_buffer_is_captured_again():
+    class Scaled(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)  # as RoPE tables are
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(x) * self.scale
+
+    model, x = Scaled().eval(), torch.randn(1, 3, 8, 8)
+    assert sync_error(model, 2, x) < ATOL
+    model.scale = torch.tensor(3.0)
+    assert sync_error(model, 2, x) < ATOL
+

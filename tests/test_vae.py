@@ -22,6 +22,14 @@ def test_parallel_decode_equals_decode(world_size, height, width):
     assert max_rank_error(outs, expected) < 1e-5
 
 
+def test_decoder_options_it_cannot_honour_are_refused():
+    with pytest.raises(distrifx.ConfigError, match=r"\{'mode': 'stale'\} does not apply: .* always exact sync mode"):
+        distrifx.parallelize_vae_decoder(_tiny_vae(0), 2, mode="stale")
+    decode = lambda g: distrifx.parallelize_vae_decoder(_tiny_vae(0), 2, mode="sync", cfg_parallel=False,  # noqa: E731
+                                                        process_group=g)  # what it runs anyway
+    assert all(d.parallel_config.mode == "sync" for d in distrifx.simulate(decode, 2))
+
+
 def test_decoder_exchanges_halos_norms_and_attention():
     vae = _tiny_vae(0)
     plan = distrifx.explain(distrifx.vae.VaeDecode(vae), (torch.randn(1, 4, 16, 16),), world_size=2, mode="sync")

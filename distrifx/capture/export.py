@@ -8,6 +8,7 @@ signature and return type (tuples, dataclass outputs, ``return_dict``).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import weakref
 from collections.abc import Hashable
@@ -87,7 +88,9 @@ def _lift_to_attrs(ep: ExportedProgram) -> GraphModule:
 
 
 def _state_fingerprint(model: torch.nn.Module) -> Hashable:
-    return tuple((name, id(t)) for name, t in model.state_dict(keep_vars=True).items())
+    """Which tensors the model holds: a parameter or buffer replaced (non-persistent ones included,
+    which ``state_dict`` leaves out) means a new capture."""
+    return tuple((name, id(t)) for name, t in itertools.chain(model.named_parameters(), model.named_buffers()))
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedProgram:

@@ -115,23 +115,30 @@ class ParallelModule(SteppedModule):
 
     def program(self, *args: Any, **kwargs: Any) -> RankProgram:
         """This rank's program for these inputs (captured and built on first use)."""
+        args, kwargs, _ = self._with_tensor_timestep(args, kwargs)
         flat, spec = tree_flatten((args, kwargs))
         return self._program(self._localize(flat), spec)[1]
 
-    def _timestep(self, args: tuple, kwargs: dict) -> object:
-        if self._timestep_param is None:
-            return None
+    def _with_tensor_timestep(self, args: tuple, kwargs: dict) -> tuple[tuple, dict, object]:
+        """The call, with a Python-number timestep made a 0-d tensor as the model would make it (a number
+        is a constant of the captured graph: each new one would capture again and begin a generation),
+        and its timestep (None where the model takes none)."""
         try:
-            bound = self._signature.bind_partial(*args, **kwargs)
+            bound = self._signature.bind_partial(*args, **kwargs) if self._timestep_param else None
         except TypeError:
-            return None
-        return bound.arguments.get(self._timestep_param)
+            bound = None
+        t = bound.arguments.get(self._timestep_param) if bound else None
+        if not isinstance(t, (int, float)) or isinstance(t, bool):
+            return args, kwargs, t
+        bound.arguments[self._timestep_param] = t = torch.tensor(t)
+        return bound.args, bound.kwargs, t
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        args, kwargs, timestep = self._with_tensor_timestep(args, kwargs)
         flat, spec = tree_flatten((args, kwargs))
         check_same_inputs(self.comm, flat, lambda: [
             path for path, _ in _leaf_paths(list(self._signature.parameters), args, kwargs)])
         call = self._localize(flat)
         key, program = self._program(call, spec)
-        return self._step(call, program, self._timestep(args, kwargs), key)
+        return self._step(call, program, timestep, key)
