@@ -8,17 +8,21 @@ For every pass's before/after graph, set ``DISTRIFX_DUMP_DIR`` (see ``distrifx.p
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 from torch.fx import GraphModule
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from distrifx.capture import capture
 from distrifx.config import ParallelConfig
+from distrifx.errors import ConfigError
 from distrifx.passes import META_SITES, PassContext, build_rank_graph
 from distrifx.passes.builder import ExchangeSite
+from distrifx.runtime.cfg import batch_half, batch_size, wants_split
 from distrifx.runtime.ops import is_start, is_wait
 from distrifx.runtime.program import phases_for
 
@@ -57,10 +61,11 @@ def graph_collectives(gm: GraphModule) -> int:
 class Plan:
     """One rank's compiled graphs for one input signature, by phase."""
 
-    config: ParallelConfig
-    rank: int
+    config: ParallelConfig  # of the patch group: world_size is half the ranks under a CFG split
+    rank: int  # in the patch group
     graphs: dict[str, GraphModule]
     unscheduled: dict[str, GraphModule]
+    cfg_split: bool = False  # the call runs CFG-parallel: this is one batch half's program
 
     def sites(self, phase: str) -> tuple[ExchangeSite, ...]:
         return self.graphs[phase].meta[META_SITES]
@@ -86,7 +91,8 @@ class Plan:
 
     def summary(self) -> str:
         """A human-readable table of exchanges per phase."""
-        out = [f"distrifx plan: world_size={self.config.world_size}, rank={self.rank}, "
+        split = ", one batch half of a CFG split" if self.cfg_split else ""
+        out = [f"distrifx plan: world_size={self.config.world_size}, rank={self.rank}{split}, "
                f"mode={self.config.mode.value}, gn_variant={self.config.gn_variant.value}"]
         for phase in self.graphs:
             sites = self.sites(phase)
@@ -119,18 +125,34 @@ def explain(
 ) -> Plan:
     """Build rank ``rank``'s graphs for ``model(*args, **kwargs)`` and describe them.
 
-    ``options`` are those of :func:`distrifx.parallelize` (mode, gn_variant, ...).
+    ``options`` are those of :func:`distrifx.parallelize` (mode, gn_variant, ...). Where the call runs
+    CFG-parallel (``cfg_parallel``, decided as the runtime does), the plan is of the rank's batch half,
+    patch-parallel over ``world_size / 2`` ranks; gathering the halves' outputs is not in its graphs.
+    ``model`` keeps its training mode (it is captured in eval mode, as :func:`parallelize` runs it).
 
     Example:
         >>> print(distrifx.explain(unet, (x, t), {"encoder_hidden_states": ctx},   # doctest: +SKIP
         ...                        world_size=4, mode="stale").summary())
     """
     config = ParallelConfig(world_size=world_size, **options)
-    captured = capture(model.eval(), args, kwargs or {})
+    if not (isinstance(rank, int) and 0 <= rank < world_size):
+        raise ConfigError(f"explain: rank={rank!r} is not a rank of world_size={world_size} (0 to {world_size - 1})")
+    flat, spec = tree_flatten((tuple(args), kwargs or {}))
+    batch = batch_size(flat)
+    split = wants_split(config.cfg_parallel, world_size, batch)
+    if split:
+        half, rank = divmod(rank, world_size // 2)
+        args, kwargs = tree_unflatten(batch_half(flat, batch, half), spec)
+        config = dataclasses.replace(config, world_size=world_size // 2, cfg_parallel=False)
+    training = model.training
+    try:
+        captured = capture(model.eval(), tuple(args), kwargs or {})
+    finally:
+        model.train(training)
     graphs, unscheduled = {}, {}
     with captured.lock:
         for phase in phases_for(config.mode):
             ctx = PassContext.for_config(config, rank, phase, type(model).__name__)
             graphs[phase] = build_rank_graph(captured.graph_module, ctx)
             unscheduled[phase] = build_rank_graph(captured.graph_module, ctx, skip=("schedule",))
-    return Plan(config=config, rank=rank, graphs=graphs, unscheduled=unscheduled)
+    return Plan(config=config, rank=rank, graphs=graphs, unscheduled=unscheduled, cfg_split=split)

@@ -82,3 +82,17 @@ def test_at_two_ranks_a_split_guidance_batch_has_nothing_stale():
         assert phase == "stale" and state_bytes == 0
         for out, want in zip(outs, expected):
             assert float((out - want).abs().max()) < 1e-5
+
+
+def test_explain_plans_what_the_runtime_runs_under_a_cfg_split():
+    unet = random_unet("sd15").train()
+    args, kwargs = unet_inputs(unet, 2, 16, 16)
+    split = distrifx.explain(unet, args, kwargs, world_size=4, rank=3, mode="stale")
+    assert split.cfg_split and split.config.world_size == 2 and split.rank == 1  # the second half's second patch
+    assert "rank=1, one batch half of a CFG split" in split.summary()
+    assert unet.training  # explain captures in eval mode and leaves the model's own as it was
+    whole = distrifx.explain(unet, args, kwargs, world_size=4, rank=3, mode="stale", cfg_parallel=False)
+    assert not whole.cfg_split and whole.config.world_size == 4
+    assert split.bytes_per_step("stale") < whole.bytes_per_step("stale")  # half the batch: half the bytes
+    with pytest.raises(distrifx.ConfigError, match=r"rank=4 is not a rank of world_size=4 \(0 to 3\)"):
+        distrifx.explain(unet, args, kwargs, world_size=4, rank=4)
