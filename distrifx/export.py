@@ -92,7 +92,8 @@ _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "an in
                bool: "a boolean", type(None): "null"}
 FORMATS = ("pt2", "aoti", "onnx", "tensorrt")
 _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
-# Where a format's segments run, and what runs them; pt2 and aoti keep the device they were exported on.
+# Where a format's segments run, and what runs them; pt2 and aoti keep the device type they were exported on (a
+# CUDA export runs on each rank's current GPU).
 _FORMAT_DEVICES = {"onnx": ("cpu", "onnxruntime's CPU provider"), "tensorrt": ("cuda", "TensorRT")}
 SEGMENT_DIR = "segments"
 # Values diffusers pipelines read from submodules of their denoiser. A loaded export has no
@@ -103,7 +104,7 @@ _ONNX_INLINE_LIMIT = 1 << 30
 _COLLECTIVES: dict[str, Callable[..., Any]] = {f.__name__: f for f in (*ops.COLLECTIVE_STARTS, ops.wait)}
 # Opened segments by (file, sha256), alive while a loaded module uses them. Guarded by the lock,
 # which also serializes torch.export.load (it keeps state in globals) across simulated ranks.
-_OPENED: weakref.WeakValueDictionary[tuple[str, str], Callable[..., tuple]] = weakref.WeakValueDictionary()
+_OPENED: weakref.WeakValueDictionary[tuple[str, str, str], Callable[..., tuple]] = weakref.WeakValueDictionary()
 _LOAD_LOCK = threading.Lock()
 
 
@@ -848,10 +849,38 @@ class _OnnxSegment:
         return tuple(torch.from_dlpack(value) for value in binding.get_outputs())
 
 
+def _rank_device(recorded: str) -> torch.device:
+    """Where this rank runs what was exported on ``recorded``: for a CUDA export its current GPU (each rank
+    of a multi-GPU job its own, whichever GPU the export ran on), else the recorded device."""
+    device = torch.device(recorded)
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _input_device(manifest: Mapping[str, Any]) -> torch.device:
+    """This rank's device for the export's inputs (the first tensor input's, as exported)."""
+    return _rank_device(next((leaf["device"] for leaf in manifest["inputs"]["leaves"] if leaf["kind"] == "tensor"),
+                             "cpu"))
+
+
+def _load_pt2(path: Path, device: torch.device) -> Callable[..., tuple]:
+    """A torch.export program with its weights and constants on ``device`` (a CUDA export keeps the GPU
+    index it was exported on: moved, rank r's copy runs on rank r's GPU)."""
+    from torch.export.passes import move_to_device_pass
+
+    program = torch.export.load(str(path))
+    if device.type != "cpu":
+        program = move_to_device_pass(program, device)
+    return program.module()
+
+
 def _open_segment(out: Path, file: str, manifest: Mapping[str, Any]) -> Callable[..., tuple]:
-    """The runnable segment ``file``; simulated ranks of one process share it (it is stateless)."""
+    """The runnable segment ``file`` on this rank's device; simulated ranks of one process share it (it is
+    stateless)."""
     path, format, layout = out / file, manifest["format"], manifest["segments"].get(file)
-    key = (str(path.resolve()), manifest["files"][file])
+    device = _input_device(manifest)
+    key = (str(path.resolve()), manifest["files"][file], str(device))
     with _LOAD_LOCK:
         if (segment := _OPENED.get(key)) is None:
             if format == "onnx":
@@ -861,11 +890,9 @@ def _open_segment(out: Path, file: str, manifest: Mapping[str, Any]) -> Callable
             elif format == "tensorrt":
                 segment = tensorrt.load_segment(path)
             elif format == "aoti":
-                device = next((leaf["device"] for leaf in manifest["inputs"]["leaves"] if leaf["kind"] == "tensor"),
-                              "cpu")
                 segment = aoti.load_segment(path, device)
             else:
-                segment = torch.export.load(str(path)).module()
+                segment = _load_pt2(path, device)
             _OPENED[key] = segment
         return segment
 
@@ -987,7 +1014,7 @@ def _model_attributes(model: Mapping[str, Any]) -> dict[str, Any]:
     if "dtype" in model:
         attributes["dtype"] = _torch_dtype(model["dtype"])
     if "device" in model:
-        attributes["device"] = torch.device(model["device"])
+        attributes["device"] = _rank_device(model["device"])
     for top in sorted({path.split(".")[0] for path in model["recorded"]}):
         attributes[top] = RecordedAttributes(top, model["recorded"])
     return attributes

@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import shutil
+import sys
 import threading
 from pathlib import Path
 
@@ -544,3 +545,23 @@ def test_tensorrt_export_equals_the_model_in_sync_mode(tmp_path):
     outs = distrifx.simulate(lambda g: distrifx.load(tmp_path, process_group=g)(*args, **kwargs).sample, 2)
     for out in outs:  # TensorRT may use TF32 for float32 convolutions, as cuDNN does in eager mode
         assert float((out - expected).abs().max() / expected.abs().max()) < 1e-2
+
+
+def test_a_cuda_export_runs_on_each_ranks_current_gpu(monkeypatch):
+    from distrifx.export import _rank_device
+
+    assert _rank_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # rank 3 of a job, whatever GPU exported
+    assert _rank_device("cuda") == _rank_device("cuda:0") == torch.device("cuda", 3)
+
+
+def test_a_pt2_segment_opens_with_its_weights_on_the_ranks_device(copy, monkeypatch):
+    """The meta device stands in for a rank's GPU other than the one the export ran on."""
+    export_module = sys.modules["distrifx.export"]  # the module: distrifx.export is also its function
+    monkeypatch.setattr(export_module, "_rank_device", lambda recorded: torch.device("meta"))
+    manifest = read_manifest(copy)
+    file = next(iter(manifest["files"]))
+    segment = export_module._open_segment(copy, file, manifest)
+    tensors = [*segment.parameters(), *segment.buffers()]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}

@@ -45,9 +45,8 @@ def write_segment(program: ExportedProgram, example: tuple[torch.Tensor, ...], p
     aoti_compile_and_package(program, package_path=str(path))
 
 
-def load_segment(path: Path, device: str) -> Callable[..., tuple]:
-    """The runnable segment in the package ``path``, on this process's current device of ``device``'s type."""
+def load_segment(path: Path, device: torch.device) -> Callable[..., tuple]:
+    """The runnable segment in the package ``path``, on ``device`` (a GPU's index, or the CPU)."""
     from torch._inductor import aoti_load_package
 
-    index = torch.cuda.current_device() if torch.device(device).type == "cuda" else -1
-    return aoti_load_package(str(path), device_index=index)
+    return aoti_load_package(str(path), device_index=device.index if device.type == "cuda" else -1)
