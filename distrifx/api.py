@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from distrifx.config import Backend, GNVariant, KVExchange, Mode, ParallelConfig
+from distrifx.config import DEFAULT_TIMEOUT_S, Backend, GNVariant, KVExchange, Mode, ParallelConfig
 from distrifx.errors import ConfigError, ProcessGroupError
 from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator
 from distrifx.runtime.module import ParallelModule
@@ -52,7 +52,7 @@ def parallelize(
     cfg_parallel: bool | Literal["auto"] = "auto",
     backend: Backend | Literal["eager", "inductor", "tensorrt"] = "eager",
     process_group: Any = None,
-    timeout_s: float = 300.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     stale_dtype: torch.dtype | Literal["bfloat16", "float16"] | None = None,
     extrapolate: float = 0.0,
     fresh: Sequence[Literal["halo", "kv"]] = (),
@@ -127,8 +127,9 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
     ``pipe.unet`` (or ``pipe.transformer``) becomes a :class:`ParallelModule`; the pipeline's
     ``prepare_latents`` is wrapped so every rank uses rank 0's initial latents, whatever its
     generator, and so each pipeline call begins a generation (:meth:`ParallelModule.reset`: a
-    scheduler that evaluates a timestep twice, as Heun's does, stays in one). With ``parallel_vae=True`` the VAE decoder is patch-parallel too (sync: exact).
-    Returns ``pipe``. ``options`` are those of :func:`parallelize`.
+    scheduler that evaluates a timestep twice, as Heun's does, stays in one). With
+    ``parallel_vae=True`` the VAE decoder is patch-parallel too (sync: exact). Returns ``pipe``.
+    ``options`` are those of :func:`parallelize`.
 
     Example:
         >>> pipe = distrifx.parallelize_pipeline(pipe, world_size=2)       # doctest: +SKIP
@@ -149,7 +150,7 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
         from distrifx.vae import parallelize_vae_decoder
 
         decode = parallelize_vae_decoder(pipe.vae, world_size, process_group=options.get("process_group"),
-                                         timeout_s=options.get("timeout_s", 300.0))
+                                         timeout_s=options.get("timeout_s", DEFAULT_TIMEOUT_S))
         # An instance attribute shadows the method; nn.Module.__setattr__ would register a submodule
         # (a cycle: the decoder holds the VAE) that the method lookup would then shadow.
         object.__setattr__(pipe.vae, "decode", decode)

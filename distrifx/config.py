@@ -11,8 +11,8 @@ import torch
 
 from distrifx.errors import ConfigError
 
-__all__ = ["Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES", "FRESH_KINDS", "dtype_name",
-           "fresh_kinds"]
+__all__ = ["DEFAULT_TIMEOUT_S", "Mode", "GNVariant", "KVExchange", "Backend", "ParallelConfig", "STALE_DTYPES",
+           "FRESH_KINDS", "dtype_name", "fresh_kinds"]
 
 # What stale exchanges may travel and be kept in: narrower floats than the activations.
 STALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -99,6 +99,9 @@ def fresh_kinds(value: object) -> tuple[str, ...]:
                       f"sequence of {', '.join(repr(k) for k in FRESH_KINDS)}, e.g. fresh=('halo',){gn}.")
 
 
+DEFAULT_TIMEOUT_S = 300.0  # how long any wait on a peer rank may take before it raises
+
+
 @dataclass(frozen=True)
 class ParallelConfig:
     """Validated options of :func:`distrifx.parallelize`.
@@ -116,7 +119,7 @@ class ParallelConfig:
     kv_exchange: KVExchange = KVExchange.AUTO
     cfg_parallel: bool | Literal["auto"] = "auto"
     backend: Backend = Backend.EAGER
-    timeout_s: float = 300.0
+    timeout_s: float = DEFAULT_TIMEOUT_S
     stale_dtype: torch.dtype | None = None  # halo rows and K/V of stale exchanges: sent and kept in this
     extrapolate: float = 0.0  # stale values: last step's + this x (last step's - the one before's)
     fresh: tuple[str, ...] = ()  # exchange kinds (FRESH_KINDS) stale mode still does synchronously

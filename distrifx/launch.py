@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from distrifx.config import DEFAULT_TIMEOUT_S
 from distrifx.errors import DistrifxError
 
 __all__ = ["launch", "free_port", "rank_cores", "process_context", "adopt", "PRELOAD"]
@@ -105,7 +106,7 @@ def launch(
     backend: str | None = None,
     threads_per_rank: int | None = None,
     bind_cores: bool = False,
-    timeout_s: float = 300.0,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
     all_ranks: bool = False,
 ) -> Any:
     """Run ``fn(*args)`` on ``world_size`` new local processes in one process group.
