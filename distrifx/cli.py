@@ -292,7 +292,7 @@ def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("height", "width", "guidance_scale", "negative_prompt"):
         if options[key] is not None:
             kwargs[key] = options[key]
-    return kwargs
+    return {**kwargs, **options.get("pipeline_kwargs", {})}
 
 
 def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -322,7 +322,9 @@ def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
                          f"guidance_scale={compiled}, world size {fixed['world_size']}, mode={fixed['mode']}; these "
                          f"options differ: {'; '.join(wrong)}. Drop them (the export's are used) or compile again "
                          "with them.")
-    return {**options, **fixed, "guidance_scale": given if given is not None else compiled}
+    # what else the export's pipeline call was given (SD 3's max_sequence_length): every call must pass the same
+    extra = {k: v for k, v in pipeline.items() if k not in ("height", "width", "guidance_scale")}
+    return {**options, **fixed, "guidance_scale": given if given is not None else compiled, "pipeline_kwargs": extra}
 
 
 def generate_rank(options: dict[str, Any]) -> dict[str, Any]:

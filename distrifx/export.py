@@ -61,7 +61,7 @@ from distrifx.api import _communicator, _denoiser_name
 from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
 from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
-from distrifx.config import GNVariant, KVExchange, Mode, ParallelConfig, dtype_name
+from distrifx.config import DEFAULT_TIMEOUT_S, GNVariant, KVExchange, Mode, ParallelConfig, dtype_name
 from distrifx.errors import ArtifactError, ConfigError, DistrifxError, InputSignatureError, ProcessGroupError
 from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
@@ -660,6 +660,11 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
         >>> pipe.unet = distrifx.load("sd-2r")                # on every rank
         >>> image = pipe("a lighthouse", height=512, width=512).images[0]
     """
+    if reserved := sorted(set(pipeline_kwargs or {}) & {"height", "width", "guidance_scale", "prompt",
+                                                        "num_inference_steps"}):
+        raise ConfigError(f"export_pipeline: pipeline_kwargs {reserved} are export_pipeline's own arguments (height, "
+                          "width, guidance_scale) or each generation's (prompt, num_inference_steps); pass the first "
+                          "as arguments and drop the others.")
     if guidance_scale is None:
         guidance_scale = _call_default(pipe, "guidance_scale")
     call = {"height": height, "width": width, "guidance_scale": guidance_scale, **(pipeline_kwargs or {})}
@@ -1113,7 +1118,7 @@ class ExportedModule(SteppedModule):
         return self._step(call, self.program, flat[index] if index is not None else None, self._in_spec)
 
 
-def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float = 300.0,
+def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float = DEFAULT_TIMEOUT_S,
          allow_native_code: bool = False) -> ExportedModule:
     """This rank's stored program from :func:`export`'s ``out_dir``, ready to call like the model.
 

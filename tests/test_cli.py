@@ -110,6 +110,27 @@ def test_generate_refuses_options_the_engines_were_not_compiled_for(engines, opt
         main(["generate", "--engines", str(engines), *options])
 
 
+def test_generate_passes_the_pipeline_arguments_the_export_recorded(engines, tmp_path):
+    from distrifx.cli import _engine_options, _pipeline_kwargs
+
+    sd3 = tmp_path / "sd3"
+    shutil.copytree(engines, sd3)
+    manifest = json.loads((sd3 / "manifest.json").read_text())
+    manifest["pipeline"]["max_sequence_length"] = 8  # as export_pipeline(..., pipeline_kwargs=...) records it
+    (sd3 / "manifest.json").write_text(json.dumps(manifest))
+    args = build_parser().parse_args(["generate", "--engines", str(sd3)])
+    options = _engine_options(vars(args))
+    assert _pipeline_kwargs(options)["max_sequence_length"] == 8
+
+
+def test_export_pipeline_refuses_pipeline_arguments_it_sets_itself(tmp_path):
+    import distrifx
+
+    with pytest.raises(distrifx.ConfigError, match=r"pipeline_kwargs \['num_inference_steps', 'prompt'\] are "):
+        distrifx.export_pipeline(object(), tmp_path, 2, height=32, width=32,
+                                 pipeline_kwargs={"prompt": "a cat", "num_inference_steps": 4})
+
+
 def test_an_export_from_before_an_option_existed_counts_as_compiled_without_it(engines, tmp_path):
     old = tmp_path / "old"
     shutil.copytree(engines, old)
