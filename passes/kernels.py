@@ -85,13 +85,17 @@ def corrected_group_stats(
     With B_k the previous step's [E[x], E[x^2]] of rank k (from ``stale``, (N, B, G, 2) as
     [mean, var]) and s this step's local ones (``fresh``, (1, B, G, 2)):
     full = sum_k B_k / N + (s - B_rank); var = full_2 - full_1^2, falling back to the local
-    variance where that is negative. No Bessel factor: GroupNorm's variance is biased.
+    variance where that is negative. No Bessel factor: GroupNorm's variance is biased. The moments
+    are taken about the previous step's global mean c (the same result in real arithmetic): about
+    zero, E[x^2] - E[x]^2 would cancel away the variance of activations whose mean is large.
     """
     means, variances = torch.cat([stale, fresh]).unbind(-1)
-    moments = torch.stack([means, variances + means.square()], -1)  # [B_0 .. B_N-1, s]
+    c = means[:-1].mean(0)
+    shifted = means - c
+    moments = torch.stack([shifted, variances + shifted.square()], -1)  # [B_0 .. B_N-1, s], about c
     mean, second = (moments[:-1].mean(0) + moments[-1] - moments[rank]).unbind(-1)
     var = second - mean.square()
-    return mean, torch.where(var < 0, variances[-1], var)
+    return mean + c, torch.where(var < 0, variances[-1], var)
 
 
 def group_norm_apply(
@@ -106,7 +110,8 @@ def group_norm_apply(
 
     Folds statistics and affine into one per-channel scale and shift, computed per (batch,
     group, channel in group), so the activation is read once (``x * scale + shift``) and the
-    small tensors take a handful of ops.
+    small tensors take a handful of ops. A half-precision ``x`` is normalized in float32 and rounded
+    once, as torch's GroupNorm does: ``x * scale`` and ``shift`` nearly cancel where the mean is large.
     """
     groups, per_group = spec.groups, spec.per_group
     scale = torch.rsqrt(var + spec.eps).unsqueeze(-1)  # (B, G, 1)
@@ -117,9 +122,10 @@ def group_norm_apply(
     shape = (spec.batch, spec.channels) + (1,) * (spec.ndim - 2)
 
     def per_channel(t: torch.Tensor) -> torch.Tensor:
-        return _cast(t.expand(spec.batch, groups, per_group).reshape(shape), torch.float32, spec.dtype)
+        return t.expand(spec.batch, groups, per_group).reshape(shape)
 
-    return torch.addcmul(per_channel(shift), x, per_channel(scale))
+    y = torch.addcmul(per_channel(shift), _cast(x, spec.dtype, torch.float32), per_channel(scale))
+    return _cast(y, torch.float32, spec.dtype)
 
 
 def splice_own(
