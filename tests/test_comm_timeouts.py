@@ -36,4 +36,4 @@ def test_a_split_after_a_peer_failed_fails_at_once():
 def test_a_gloo_split_that_a_peer_reaches_late_fails_within_the_timeout():
     results = distrifx.launch(workers.late_split, 2, 2.0, 4.0, threads_per_rank=1, timeout_s=60, all_ranks=True)
     assert "rank 0: creating the group [0, 1] of split([[0, 1]]) failed or timed out after 2s" in results[0]
-    assert float(results[0].split("s: ")[0]) < 3.5
+    assert float(results[0].split("s: ")[0]) < 4.0  # before the peer arrives: bounded by the timeout, not the peer
