@@ -595,6 +595,8 @@ def export(
             ],
             "files": {str(p.relative_to(built)): _sha256(p) for p in sorted((built / SEGMENT_DIR).iterdir())},
         }
+        if format == "tensorrt":
+            manifest["engine_runtime"] = tensorrt.engine_runtime()
         (built / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out / MANIFEST
 
@@ -1144,6 +1146,7 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
             _require("distrifx.load of an ONNX export", "onnxruntime")
         if manifest["format"] == "tensorrt":
             tensorrt.require_tensorrt("distrifx.load of a format='tensorrt' export", ArtifactError)
+            tensorrt.check_engine_runtime(manifest.get("engine_runtime", {}), out)
         if manifest["format"] == "aoti" and not allow_native_code:
             raise ArtifactError(
                 f"{out} is an AOTInductor export: its segments are shared libraries, and opening them runs their "

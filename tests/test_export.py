@@ -565,3 +565,15 @@ def test_a_pt2_segment_opens_with_its_weights_on_the_ranks_device(copy, monkeypa
     segment = export_module._open_segment(copy, file, manifest)
     tensors = [*segment.parameters(), *segment.buffers()]
     assert tensors and {t.device.type for t in tensors} == {"meta"}
+
+
+def test_tensorrt_engines_built_for_another_gpu_or_tensorrt_are_refused_by_name(monkeypatch, tmp_path):
+    from distrifx.backends import tensorrt
+
+    here = {"torch_tensorrt": "2.13.0", "tensorrt": "10.9.0", "compute_capability": "9.0"}
+    monkeypatch.setattr(tensorrt, "engine_runtime", lambda: here)
+    tensorrt.check_engine_runtime(dict(here), tmp_path)  # the same: loads
+    tensorrt.check_engine_runtime({}, tmp_path)  # an export that recorded nothing: torch-tensorrt decides
+    with pytest.raises(distrifx.ArtifactError, match=r"built for tensorrt 10.3.0 \(here: 10.9.0\); compute_capability "
+                                                     r"8.0 \(here: 9.0\): .* Export again on this machine"):
+        tensorrt.check_engine_runtime({**here, "tensorrt": "10.3.0", "compute_capability": "8.0"}, tmp_path)

@@ -29,7 +29,8 @@ from torch.fx import GraphModule
 from distrifx.backends.torch_compile import compile_segments as torch_compile_segments
 from distrifx.errors import ArtifactError, ConfigError, DistrifxError
 
-__all__ = ["require_tensorrt", "compile_segments", "write_segment", "load_segment", "INSTALL"]
+__all__ = ["require_tensorrt", "compile_segments", "write_segment", "load_segment", "engine_runtime",
+           "check_engine_runtime", "INSTALL"]
 
 INSTALL = 'a CUDA build of torch, then pip install "distrifx[tensorrt]" (torch-tensorrt built for that torch)'
 
@@ -73,3 +74,31 @@ def load_segment(path: Path) -> Callable[..., tuple]:
     """The runnable segment saved by :func:`write_segment` in ``path``."""
     trt = require_tensorrt("distrifx.load of a format='tensorrt' export", ArtifactError)
     return trt.load(str(path)).module()
+
+
+def engine_runtime() -> dict[str, str]:
+    """What TensorRT engines built here are bound to: the torch-tensorrt and TensorRT versions and this
+    GPU's compute capability (engines load only on the same TensorRT and GPU architecture)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    major, minor = torch.cuda.get_device_capability()
+    return {"torch_tensorrt": installed("torch_tensorrt"), "tensorrt": installed("tensorrt"),
+            "compute_capability": f"{major}.{minor}"}
+
+
+def check_engine_runtime(built: dict[str, str], where: Path) -> None:
+    """An ArtifactError naming each difference if the engines in ``where``, built under ``built``
+    (:func:`engine_runtime` at export), cannot load here."""
+    here = engine_runtime()
+    differ = [f"{key} {built[key]} (here: {here[key]})" for key in here if key in built and built[key] != here[key]]
+    if differ:
+        raise ArtifactError(f"{where} holds TensorRT engines built for {'; '.join(differ)}: engines load only under "
+                            "the TensorRT version and on the GPU architecture that built them. Export again on "
+                            "this machine.")
+
