@@ -222,16 +222,16 @@ def _torch_export(d: _Distinct) -> torch.export.ExportedProgram:
                             f"{type(exc).__name__}: {exc}") from exc
 
 
-def _write_pt2(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
-    """One ``torch.export`` archive per segment; the program's steps name its inputs and outputs."""
-    for d in distinct:
-        torch.export.save(_torch_export(d), out / d.file)
-    return {}
+def _save_pt2(program: torch.export.ExportedProgram, example: tuple, path: Path) -> None:
+    """The segment's ``torch.export`` archive as it is; the program's steps name its inputs and outputs."""
+    torch.export.save(program, path)
 
 
-def _compiled(tool: str, write_segment: Callable[[torch.export.ExportedProgram, tuple, Path], None]
-              ) -> Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]:
-    """A writer of one file per segment: its ``torch.export`` program compiled ahead of time by ``tool``."""
+def _per_segment(tool: str, write_segment: Callable[[torch.export.ExportedProgram, tuple, Path], None],
+                 instead: str = "\nformat='pt2' stores the same program without compiling it."
+                 ) -> Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]:
+    """A writer of one file per segment: its ``torch.export`` program written by ``tool`` (compiled ahead
+    of time, or saved as it is); ``instead`` ends the error if ``tool`` fails."""
 
     def write(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any]]:
         for d in distinct:
@@ -240,8 +240,7 @@ def _compiled(tool: str, write_segment: Callable[[torch.export.ExportedProgram, 
                 write_segment(program, d.example, out / d.file)
             except Exception as exc:
                 raise DistrifxError(f"{tool} failed on {d.origin} (to be written to {d.file}): "
-                                    f"{type(exc).__name__}: {exc}\nformat='pt2' stores the same program without "
-                                    "compiling it.") from exc
+                                    f"{type(exc).__name__}: {exc}{instead}") from exc
         return {}
 
     return write
@@ -306,10 +305,10 @@ def _write_onnx(distinct: list[_Distinct], out: Path) -> dict[str, dict[str, Any
 
 
 _WRITERS: dict[str, Callable[[list[_Distinct], Path], dict[str, dict[str, Any]]]] = {
-    "pt2": _write_pt2,
-    "aoti": _compiled("AOTInductor", aoti.write_segment),
+    "pt2": _per_segment("torch.export.save", _save_pt2, instead=""),
+    "aoti": _per_segment("AOTInductor", aoti.write_segment),
     "onnx": _write_onnx,
-    "tensorrt": _compiled("torch-tensorrt", tensorrt.write_segment),
+    "tensorrt": _per_segment("torch-tensorrt", tensorrt.write_segment),
 }
 
 

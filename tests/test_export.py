@@ -577,3 +577,15 @@ def test_tensorrt_engines_built_for_another_gpu_or_tensorrt_are_refused_by_name(
     with pytest.raises(distrifx.ArtifactError, match=r"built for tensorrt 10.3.0 \(here: 10.9.0\); compute_capability "
                                                      r"8.0 \(here: 9.0\): .* Export again on this machine"):
         tensorrt.check_engine_runtime({**here, "tensorrt": "10.3.0", "compute_capability": "8.0"}, tmp_path)
+
+
+def test_a_pt2_segment_that_cannot_be_saved_is_named(model, tmp_path, monkeypatch):
+    unet, args, kwargs = model
+
+    def full_disk(*_args, **_kwargs):
+        raise OSError("no space left on the device")
+
+    monkeypatch.setattr(torch.export, "save", full_disk)
+    with pytest.raises(DistrifxError, match=r"torch.export.save failed on rank 0, phase sync, .* \(to be written to "
+                                            r"segments/.*\): OSError: no space left on the device$"):
+        distrifx.export(unet, tmp_path / "out", 2, args=args, kwargs=kwargs, mode="sync")
