@@ -183,8 +183,9 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
         "heun": diffusers.HeunDiscreteScheduler,
     }
     if kind != "sd3":
+        own = {"clip_sample": False} if scheduler == "ddim" else {}  # as in SD 1.5's scheduler config
         sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",
-                                      beta_start=0.00085, beta_end=0.012)
+                                      beta_start=0.00085, beta_end=0.012, steps_offset=1, **own)
     if kind == "sd15":
         return diffusers.StableDiffusionPipeline(
             vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(32, seed), tokenizer=_tiny_tokenizer(),
