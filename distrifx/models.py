@@ -155,6 +155,7 @@ def _tiny_text_encoder(hidden: int, seed: int, projection: bool = False) -> Any:
     config = CLIPTextConfig(
         vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
         num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden,
+        bos_token_id=0, eos_token_id=1, pad_token_id=1,  # _tiny_tokenizer's: the pooled output is at its end token
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
