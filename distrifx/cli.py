@@ -297,7 +297,7 @@ def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
 
 def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
     """``options`` completed from the export in ``--engines``; a clear exit if they contradict it."""
-    from distrifx.export import read_manifest
+    from distrifx.export import PIPELINE_ARGUMENTS, read_manifest
 
     engines = options["engines"]
     manifest = read_manifest(engines)
@@ -323,7 +323,7 @@ def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
                          f"options differ: {'; '.join(wrong)}. Drop them (the export's are used) or compile again "
                          "with them.")
     # what else the export's pipeline call was given (SD 3's max_sequence_length): every call must pass the same
-    extra = {k: v for k, v in pipeline.items() if k not in ("height", "width", "guidance_scale")}
+    extra = {k: v for k, v in pipeline.items() if k not in PIPELINE_ARGUMENTS}
     return {**options, **fixed, "guidance_scale": given if given is not None else compiled, "pipeline_kwargs": extra}
 
 
@@ -469,8 +469,9 @@ def _run_compile(args: argparse.Namespace) -> int:
     pipe = _load_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)  # the pipeline only runs up to its first denoiser call
     options = dict(mode=args.mode, warmup_steps=args.warmup_steps, warmup_fraction=args.warmup_fraction,
-                   gn_variant=args.gn_variant, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel], stale_dtype=args.stale_dtype,
-                   extrapolate=args.extrapolate, fresh=args.fresh, bucket_mb=args.bucket_mb, format=args.format)
+                   gn_variant=args.gn_variant, cfg_parallel=_CFG_PARALLEL[args.cfg_parallel],
+                   stale_dtype=args.stale_dtype, extrapolate=args.extrapolate, fresh=args.fresh,
+                   bucket_mb=args.bucket_mb, format=args.format)
     start = time.perf_counter()
     if args.component == "vae":
         if getattr(pipe, "vae", None) is None:

@@ -96,13 +96,16 @@ _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # CUDA export runs on each rank's current GPU).
 _FORMAT_DEVICES = {"onnx": ("cpu", "onnxruntime's CPU provider"), "tensorrt": ("cuda", "TensorRT")}
 SEGMENT_DIR = "segments"
+# The pipeline arguments every export_pipeline manifest records under ``pipeline``; any others there are the
+# call's ``pipeline_kwargs``.
+PIPELINE_ARGUMENTS = ("height", "width", "guidance_scale")
 # Values diffusers pipelines read from submodules of their denoiser. A loaded export has no
 # submodules, so these are recorded at export: SDXL pipelines check the added time embedding's size.
 RECORDED_ATTRIBUTES = ("add_embedding.linear_1.in_features",)
 # Protobuf cannot serialize 2 GiB; bigger ONNX segments keep their weights in a file beside them.
 _ONNX_INLINE_LIMIT = 1 << 30
 _COLLECTIVES: dict[str, Callable[..., Any]] = {f.__name__: f for f in (*ops.COLLECTIVE_STARTS, ops.wait)}
-# Opened segments by (file, sha256), alive while a loaded module uses them. Guarded by the lock,
+# Opened segments by (file, sha256, device), alive while a loaded module uses them. Guarded by the lock,
 # which also serializes torch.export.load (it keeps state in globals) across simulated ranks.
 _OPENED: weakref.WeakValueDictionary[tuple[str, str, str], Callable[..., tuple]] = weakref.WeakValueDictionary()
 _LOAD_LOCK = threading.Lock()
@@ -661,8 +664,7 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
         >>> pipe.unet = distrifx.load("sd-2r")                # on every rank
         >>> image = pipe("a lighthouse", height=512, width=512).images[0]
     """
-    if reserved := sorted(set(pipeline_kwargs or {}) & {"height", "width", "guidance_scale", "prompt",
-                                                        "num_inference_steps"}):
+    if reserved := sorted(set(pipeline_kwargs or {}) & {*PIPELINE_ARGUMENTS, "prompt", "num_inference_steps"}):
         raise ConfigError(f"export_pipeline: pipeline_kwargs {reserved} are export_pipeline's own arguments (height, "
                           "width, guidance_scale) or each generation's (prompt, num_inference_steps); pass the first "
                           "as arguments and drop the others.")
