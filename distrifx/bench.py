@@ -64,6 +64,7 @@ class BenchCase:
     device: str = "cpu"  # "cuda": eager and projected cases only, on one GPU
     dtype: str = "float32"  # a key of DTYPES
     backend: str = "eager"  # one of BACKENDS: runs the rank graphs, and compiles the baseline alike
+    patch_of: int = 1  # eager and copies: the unmodified model on one of this many row patches of the latent
 
     def __post_init__(self) -> None:
         if self.device == "cuda" and not (self.mode == "eager" or self.projected):
@@ -84,6 +85,11 @@ class BenchCase:
             raise ConfigError(f"bench case {self.label!r}: {self.steps} steps leave none to time after the first "
                               f"{self.first_steady_step} (the first call, stale mode's warm-up, a compiled "
                               f"backend's compiling call); pass --steps {self.first_steady_step + 1} or more")
+        if self.patch_of != 1 and (self.mode not in ("eager", "copies") or self.patch_of < 1
+                                   or self.height % self.patch_of):
+            raise ConfigError(f"bench case {self.label!r}: patch_of={self.patch_of} runs the unmodified model "
+                              f"(eager or copies) on one of that many equal row patches; it must divide the "
+                              f"latent's {self.height} rows")
         if self.mode == "copies" and (self.projected or self.world_size < 2):
             raise ConfigError(f"bench case {self.label!r}: copies run the unmodified model on every one of "
                               "world_size >= 2 real ranks at once; they cannot be timed alone or on one rank")
@@ -98,8 +104,14 @@ class BenchCase:
         packed = f" buckets {self.bucket_mb:g} MiB" if self.mode == "stale" and self.bucket_mb else ""
         cfg = " CFG split" if self.cfg_parallel else ""
         backend = f" [{self.backend}]" if self.backend != "eager" else ""
+        patch = f" on a {self.rows}x{self.width} patch" if self.patch_of != 1 else ""
         return (f"{self.model} {self.height}x{self.width} b{self.batch} N={self.world_size} "
-                f"{self.mode}{gn}{narrow}{ahead}{fresh}{packed}{cfg}{backend}{kind}")
+                f"{self.mode}{gn}{narrow}{ahead}{fresh}{packed}{cfg}{backend}{patch}{kind}")
+
+    @property
+    def rows(self) -> int:
+        """Latent rows the model runs on: all of them, or one patch's (``patch_of``)."""
+        return self.height // max(1, self.patch_of)
 
     @property
     def first_steady_step(self) -> int:
@@ -158,7 +170,7 @@ def _exchanges(program: Any, phase: str) -> dict[str, list[int]]:
 def _inputs(unet: torch.nn.Module, case: BenchCase) -> tuple[tuple, dict]:
     from distrifx.models import unet_inputs
 
-    args, kwargs = unet_inputs(unet, case.batch, case.height, case.width, tokens=77)
+    args, kwargs = unet_inputs(unet, case.batch, case.rows, case.width, tokens=77)
     dtype = DTYPES[case.dtype]
     return tree_map(lambda x: x.to(case.device, dtype if x.is_floating_point() else x.dtype)
                     if isinstance(x, torch.Tensor) else x, (args, kwargs))
@@ -361,8 +373,10 @@ def _speedup(case: dict[str, Any], baseline_s: float, step_s: float) -> float:
 
 
 def baseline_key(case: dict[str, Any]) -> tuple:
-    """What a configuration is compared with: the unmodified model on the same input, run by the same backend."""
-    return case["model"], case["height"], case["width"], case["batch"], case.get("backend", "eager")
+    """What a configuration is compared with: the unmodified model on the same input (the whole latent or
+    the same patch of it), run by the same backend."""
+    return (case["model"], case["height"], case["width"], case["batch"], case.get("backend", "eager"),
+            case.get("patch_of", 1))
 
 
 def machine_description() -> str:
@@ -426,7 +440,7 @@ def plot_results(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     series: dict[str, list[tuple[int, float]]] = {}
     for r in results:
         c = r["case"]
-        if c["mode"] != "eager" and r["speedup"] is not None:
+        if c["mode"] != "eager" and r["speedup"] is not None and c.get("patch_of", 1) == 1:
             key = CEILING if c["mode"] == "copies" else r["label"].replace(f" N={c['world_size']}", "")
             series.setdefault(key, []).append((c["world_size"], r["speedup"]))
     sizes = sorted({n for points in series.values() for n, _ in points} | {1})

@@ -171,7 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--ceiling", action="store_true",
                        help="also run the unmodified model on every rank at once (N independent copies, no "
                             "collectives): N times its step rate over one rank's is the speedup a perfect split of "
-                            "the work would reach on this machine, whose ranks share cores, caches and memory")
+                            "the work would reach on this machine, whose ranks share cores, caches and memory; and the "
+                            "same on one rank's patch of the latent, alone and as N copies, for how much ranks "
+                            "slow each other at a rank's working-set size")
     bench.add_argument("--cfg-parallel", action="store_true",
                        help="also run stale mode with the batch's two halves on two rank groups, each "
                             "patch-parallel over N/2 (cfg_parallel=True, what a guidance pipeline gets by default "
@@ -447,7 +449,10 @@ def _run_bench(args: argparse.Namespace, argv: list[str]) -> int:
         if args.cfg_parallel:
             cases += [BenchCase(world_size=n, mode="stale", cfg_parallel=True, **common) for n in args.world_sizes]
         if args.ceiling:
-            cases += [BenchCase(world_size=n, mode="copies", **common) for n in args.world_sizes if n > 1]
+            parts = [n for n in args.world_sizes if n > 1]
+            cases += [BenchCase(world_size=n, mode="copies", **common) for n in parts]
+            cases += [BenchCase(world_size=w, mode=m, patch_of=n, **common) for n in parts if latent % n == 0
+                      for w, m in ((1, "eager"), (n, "copies"))]
     links = tuple(Link(gbps, args.link_latency_us) for gbps in args.link_gbps)
     results = run_cases(cases, rounds=args.rounds, links=links)
     write_results(results, args.out, "distrifx " + " ".join(argv))

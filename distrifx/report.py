@@ -65,6 +65,11 @@ SUITES: dict[str, dict[str, tuple[str, ...]]] = {
         # The same on a second machine: the 2-core machines CI draws differ, and the page judges the target
         # on each machine it was measured on.
         "sd15-half-64-target-2": _TARGET,
+        # --ceiling's runs on a rank's patch beside the whole latent's: how much two busy ranks slow each
+        # other at a rank's working-set size, and the bound that leaves one rank timed alone.
+        "sd15-half-64-patch-ceiling": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2",
+                                       "--modes", "stale", "--steps", "12", "--rounds", "2", "--threads", "1",
+                                       "--project", "2", "--ceiling"),
         # Stale exchanges coalesced into buckets of a few MiB (bucket_mb) against one collective each: ten
         # interleaved rounds, since the difference is of the order of this machine's drift.
         "sd15-half-64-buckets": ("bench", "--model", "sd15-half", "--latent", "64", "--world-sizes", "2", "--modes",
@@ -213,7 +218,7 @@ def _plain(result: dict[str, Any], mode: str, world: int, projected: bool = Fals
     the whole batch patch-parallel), the options named in ``but`` aside."""
     c = result["case"]
     return (c["mode"] == mode and c["world_size"] == world and c["projected"] == projected
-            and c["transport"] == transport and c["gn_variant"] == "corrected"
+            and c["transport"] == transport and c["gn_variant"] == "corrected" and c.get("patch_of", 1) == 1
             and not any(c.get(option) for option in (*_BENCH_OPTIONS, "cfg_parallel") if option not in but))
 
 
@@ -407,9 +412,10 @@ def _cfg_findings(results: list[dict[str, Any]]) -> list[str]:
 
 def _ceiling_findings(results: list[dict[str, Any]]) -> list[str]:
     """Per world size run with ``--ceiling``: how much N busy ranks slow each other on this machine, the
-    speedup that leaves a perfect split, and how much of it stale mode on the same model reaches."""
+    speedup that leaves a perfect split, and how much of it stale mode on the same model reaches; then the
+    same slowdown at a rank's patch size, and what one rank timed alone slowed as much would reach."""
     out = []
-    for copies in (r for r in results if r["case"]["mode"] == "copies" and r["speedup"]):
+    for copies in (r for r in results if _plain(r, "copies", r["case"]["world_size"]) and r["speedup"]):
         n = copies["case"]["world_size"]
         same = [r for r in results if baseline_key(r["case"]) == baseline_key(copies["case"])]
         eager, stale = _find(same, "eager", 1), _find(same, "stale", n)
@@ -421,7 +427,34 @@ def _ceiling_findings(results: list[dict[str, Any]]) -> list[str]:
             f"a rank's smaller patch may fit the caches better)."
             + (f" N={n} stale reaches {stale['speedup']:.2f}x, {100 * stale['speedup'] / copies['speedup']:.0f}% "
                f"of it." if stale else ""))
+        patch = _patch_bound(results, copies)
+        if patch:
+            patch_copies, patch_eager, bound = patch
+            out.append(
+                f"N={n} copies on a patch (the unmodified model on one rank's {patch_copies['case']['height'] // n} "
+                f"rows, on each of {n} ranks at once): {patch_copies['step_s']:.3f} s per step against "
+                f"{patch_eager['step_s']:.3f} s alone ({_pct(patch_copies['step_s'], patch_eager['step_s'])}, "
+                f"against {_pct(copies['step_s'], eager['step_s'])} for the whole latent): one stale rank timed "
+                f"alone, slowed as much, would reach {bound:.2f}x"
+                + (f"; N={n} stale reaches {stale['speedup']:.2f}x." if stale else "."))
     return out
+
+
+def _patch_bound(results: list[dict[str, Any]], copies: dict[str, Any] | None
+                 ) -> tuple[dict[str, Any], dict[str, Any], float] | None:
+    """``(copies, eager, bound)`` for ``--ceiling``'s runs of ``copies``' model on one of its N patches:
+    N copies at once and one alone, and one stale rank timed alone slowed by as much as those copies are."""
+    if not copies:
+        return None
+    n = copies["case"]["world_size"]
+    whole = [r for r in results if baseline_key(r["case"]) == baseline_key(copies["case"])]
+    patch = [r for r in results if baseline_key(r["case"]) == baseline_key({**copies["case"], "patch_of": n})]
+    patch_copies = next((r for r in patch if r["case"]["mode"] == "copies" and r["case"]["world_size"] == n), None)
+    patch_eager = next((r for r in patch if r["case"]["mode"] == "eager"), None)
+    eager, alone = _find(whole, "eager", 1), _find(whole, "stale", n, projected=True)
+    if not (patch_copies and patch_eager and eager and alone):
+        return None
+    return patch_copies, patch_eager, eager["step_s"] / alone["step_s"] * patch_eager["step_s"] / patch_copies["step_s"]
 
 
 # A stale option of BenchCase and FidelityCase (falsy when unset): its default, what a value of it does, and what the default reads.
@@ -547,6 +580,10 @@ def _target_lines(key: str, results: list[dict[str, Any]], target: str | None, p
         if copies and copies["speedup"] < SPEEDUP_TARGET:
             ceiling += (f", below the target: here two copies of the model running at once, splitting nothing, "
                         f"do not reach {SPEEDUP_TARGET}x")
+        patch = _patch_bound(results, copies)
+        if patch:
+            ceiling += (f"; one rank timed alone, slowed as much as two copies on a rank's patch slow each "
+                        f"other, would reach {patch[2]:.2f}x")
         packed = max(_packed(results), key=lambda r: r["speedup"], default=None)
         best = max(stale["speedup"], packed["speedup"] if packed else 0.0)
         if packed:

@@ -677,6 +677,45 @@ def test_copies_measure_the_machine_ceiling_and_the_target_is_set_against_it(mon
         bench.BenchCase(world_size=2, mode="copies", projected=True)
 
 
+def test_copies_on_a_patch_measure_how_ranks_slow_each_other_at_a_ranks_size(monkeypatch):
+    """`--ceiling`'s patch runs: the unmodified model on one of N row patches, alone and as N copies; one stale
+    rank timed alone, slowed as much as those copies are, is what N ranks could reach here."""
+    from distrifx import bench
+    from distrifx.report import _speed_findings, _target_lines
+
+    walls = {("eager", 1): [9.0, 4.0, 4.0], ("copies", 1): [9.0, 4.0, 4.0], ("stale", 1): [9.0, 2.5, 2.5],
+             ("eager", 2): [9.0, 1.6, 1.6], ("copies", 2): [9.0, 2.0, 2.0]}
+    calls = []
+
+    def measure(case):
+        calls.append(case.rows)
+        return _measured(case, walls[case.mode, case.patch_of])
+
+    monkeypatch.setattr(bench, "measure_case", measure)
+    cases = [bench.BenchCase(model="sd15-half", world_size=1, mode="eager", steps=3),
+             bench.BenchCase(model="sd15-half", world_size=2, mode="stale", steps=3, warmup_steps=1),
+             bench.BenchCase(model="sd15-half", world_size=2, mode="stale", steps=3, warmup_steps=1, projected=True),
+             bench.BenchCase(model="sd15-half", world_size=2, mode="copies", steps=3),
+             bench.BenchCase(model="sd15-half", world_size=1, mode="eager", steps=3, patch_of=2),
+             bench.BenchCase(model="sd15-half", world_size=2, mode="copies", steps=3, patch_of=2)]
+    results = bench.run_cases(cases, progress=False)
+    assert calls == [64, 64, 64, 64, 32, 32]
+    assert results[5]["label"] == "sd15-half 64x64 b1 N=2 copies on a 32x64 patch"
+    assert results[4]["speedup"] == 1.0  # the patch is its own baseline
+    findings = [f for f in _speed_findings(results, 2) if f.startswith("N=2 copies")]
+    assert len(findings) == 2 and "ceiling for 2 ranks" in findings[0]
+    assert findings[1] == ("N=2 copies on a patch (the unmodified model on one rank's 32 rows, on each of 2 ranks at "
+                           "once): 2.000 s per step against 1.600 s alone (+25%, against +0% for the whole latent): "
+                           "one stale rank timed alone, slowed as much, would reach 1.28x; N=2 stale reaches 1.60x.")
+    (verdict,) = _target_lines("t", results, "t", None)
+    assert "; one rank timed alone, slowed as much as two copies on a rank's patch slow each other, would reach " \
+           "1.28x" in verdict
+    with pytest.raises(ConfigError, match="patch_of=3 runs the unmodified model .* must divide the latent's 64 rows"):
+        bench.BenchCase(mode="eager", world_size=1, patch_of=3)
+    with pytest.raises(ConfigError, match="patch_of=2 runs the unmodified model"):
+        bench.BenchCase(mode="stale", patch_of=2)
+
+
 def test_stale_option_findings_compare_each_option_with_the_default_stale_run():
     from distrifx.report import _stale_option_findings
 
