@@ -85,6 +85,7 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     assert labels == ["sd15 16x16 b1 N=1 eager", "sd15 16x16 b1 N=2 stale", narrow,
                       "sd15 16x16 b1 N=2 stale (one rank timed alone)", f"{narrow} (one rank timed alone)",
                       "sd15 16x16 b1 N=2 stale (no transport)", "sd15 16x16 b1 N=2 copies",
+                      "sd15 16x16 b1 N=1 eager on a 8x16 patch", "sd15 16x16 b1 N=2 copies on a 8x16 patch",
                       "sd15 16x16 b1 N=2 stale (projected over 1 GB/s, 15 us)",
                       f"{narrow} (projected over 1 GB/s, 15 us)"]
     by_label = dict(zip(labels, bench["results"]))
@@ -123,6 +124,7 @@ def test_report_runs_every_section_end_to_end(tmp_path):
     for expected in ("## Speed: sd15-16", "| sd15 16x16 b1 N=2 stale |", "One stale rank timed alone",
                      "two stale ranks run together with collectives that return at once", "of CPU per step with gloo",
                      "N=2 copies (the unmodified model on each of 2 ranks at once, no collectives): ",
+                     "N=2 copies on a patch (the unmodified model on one rank's 8 rows, on each of 2 ranks at once)",
                      "Rows marked *projected* are projections", "## Bytes per step, by exchange", "| kv | 8 |",
                      "## Fidelity on the trained default model: 3 DDIM steps, 32x32 pixels",
                      "patches of 16 rows at N=2.",
