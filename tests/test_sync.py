@@ -91,3 +91,23 @@ def test_a_replaced_non_persistent_buffer_is_captured_again():
     model.scale = torch.tensor(3.0)
     assert sync_error(model, 2, x) < ATOL
 
+
+
+class _InPlaceResidual(torch.nn.Module):
+    """``h += residual`` on activations, as MultiControlNetModel sums its nets' residuals."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv_in = torch.nn.Conv2d(4, 8, 3, padding=1)
+        self.conv_out = torch.nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        h = self.conv_in(x)
+        h += residual  # a replicated input added in place into sharded activations
+        return self.conv_out(h)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_in_place_ops_are_captured_as_their_functional_forms(world_size):
+    x, residual = torch.randn(1, 4, 16, 8), torch.randn(1, 8, 16, 8)
+    assert sync_error(_InPlaceResidual().eval(), world_size, x, residual) < ATOL

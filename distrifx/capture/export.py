@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import warnings
 import weakref
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -113,4 +114,15 @@ def _export(model: torch.nn.Module, args: tuple, kwargs: dict) -> CapturedProgra
             "control flow on tensor values. Check torch.export.export(model, args, kwargs, "
             "strict=False) on its own, and see the torch.export troubleshooting docs."
         ) from exc
+    if _mutates(ep):
+        with warnings.catch_warnings():  # torch deep-copies its own tree specs, with a deprecation warning
+            warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+            ep = ep.run_decompositions({})  # functionalized, no op decomposed: ``x += y`` becomes ``add``
     return CapturedProgram(_lift_to_attrs(ep), ep.call_spec.in_spec, ep.call_spec.out_spec)
+
+
+def _mutates(ep: ExportedProgram) -> bool:
+    """Whether the exported graph has in-place ops (export's training IR keeps them; the rules are for
+    functional ops, and a sharded in-place write would leave other rows of a replicated tensor stale)."""
+    return any(n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable
+               for n in ep.graph.nodes)
