@@ -20,7 +20,7 @@ from distrifx.errors import (
     ShardingError,
     UnsupportedOpError,
 )
-from distrifx.runtime import ParallelModule, simulate
+from distrifx.runtime import ParallelControlNet, ParallelModule, simulate
 from distrifx.inspect import Plan, explain
 from distrifx.export import export, export_pipeline, load
 
@@ -38,6 +38,7 @@ __all__ = [
     "load",
     "Plan",
     "ParallelModule",
+    "ParallelControlNet",
     "ParallelConfig",
     "Mode",
     "GNVariant",

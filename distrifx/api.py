@@ -13,6 +13,7 @@ from torch.utils._pytree import tree_map
 from distrifx.config import DEFAULT_TIMEOUT_S, Backend, GNVariant, KVExchange, Mode, ParallelConfig
 from distrifx.errors import ConfigError, ProcessGroupError
 from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator
+from distrifx.runtime.controlnet import ParallelControlNet
 from distrifx.runtime.module import ParallelModule
 
 __all__ = ["parallelize", "parallelize_pipeline"]
@@ -57,6 +58,7 @@ def parallelize(
     extrapolate: float = 0.0,
     fresh: Sequence[Literal["halo", "kv"]] = (),
     bucket_mb: float = 0.0,
+    gather_outputs: bool = True,
 ) -> ParallelModule:
     """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
 
@@ -77,6 +79,10 @@ def parallelize(
     still does synchronously: ``("halo",)`` waits for this step's conv halo rows (small) while
     keys/values stay stale; with ``gn_variant="sync"`` that is the most exact setting short of
     sync mode (measured in docs/benchmarks.md).
+    ``gather_outputs=False`` skips the gather of sharded outputs: each comes back at its full size
+    with only this rank's rows computed and every other row NaN, for a consumer that is itself
+    parallelized and reads only its own rows (a ControlNet's residuals, added to the UNet's
+    activations: what :func:`parallelize_pipeline` does with ``pipe.controlnet``).
     ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md);
     ``backend="tensorrt"`` builds TensorRT engines for it (CUDA and torch-tensorrt needed).
 
@@ -99,6 +105,7 @@ def parallelize(
         extrapolate=extrapolate,
         fresh=fresh,
         bucket_mb=bucket_mb,
+        gather_outputs=gather_outputs,
     )
     if not isinstance(model, nn.Module):
         raise ConfigError(f"parallelize expects an nn.Module, got {type(model).__name__}")
@@ -127,21 +134,31 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
     ``pipe.unet`` (or ``pipe.transformer``) becomes a :class:`ParallelModule`; the pipeline's
     ``prepare_latents`` is wrapped so every rank uses rank 0's initial latents, whatever its
     generator, and so each pipeline call begins a generation (:meth:`ParallelModule.reset`: a
-    scheduler that evaluates a timestep twice, as Heun's does, stays in one). With
-    ``parallel_vae=True`` the VAE decoder is patch-parallel too (sync: exact). Returns ``pipe``.
+    scheduler that evaluates a timestep twice, as Heun's does, stays in one). A ``pipe.controlnet``
+    becomes a :class:`ParallelControlNet`, patch-parallel with the same options, whose residuals stay
+    on the ranks that add them. With ``parallel_vae=True`` the VAE decoder is patch-parallel too
+    (sync: exact). Returns ``pipe``.
     ``options`` are those of :func:`parallelize`.
 
     Example:
         >>> pipe = distrifx.parallelize_pipeline(pipe, world_size=2)       # doctest: +SKIP
         >>> image = pipe("a red circle", num_inference_steps=20).images[0]
     """
+    if "gather_outputs" in options:
+        raise ConfigError("parallelize_pipeline takes no gather_outputs: the pipeline's scheduler needs the "
+                          "denoiser's whole output, and a ControlNet's residuals are kept local already.")
     name = _denoiser_name(pipe)
     pmodel = parallelize(getattr(pipe, name), world_size, **options)
     setattr(pipe, name, pmodel)
+    parallel = [pmodel]
+    if isinstance(getattr(pipe, "controlnet", None), nn.Module):
+        pipe.controlnet = _parallelize_controlnet(pipe.controlnet, world_size, options)
+        parallel.append(pipe.controlnet)
     prepare_latents = pipe.prepare_latents
 
     def shared_prepare_latents(*args: Any, **kwargs: Any) -> Any:
-        pmodel.reset()
+        for module in parallel:
+            module.reset()
         latents = prepare_latents(*args, **kwargs)
         return tree_map(lambda x: _from_rank0(pmodel.comm, x) if isinstance(x, torch.Tensor) else x, latents)
 
@@ -155,6 +172,15 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
         # (a cycle: the decoder holds the VAE) that the method lookup would then shadow.
         object.__setattr__(pipe.vae, "decode", decode)
     return pipe
+
+
+def _parallelize_controlnet(controlnet: nn.Module, world_size: int, options: dict[str, Any]) -> ParallelControlNet:
+    """``controlnet`` split as the denoiser is. In guess mode it runs on the conditional half of a guidance
+    batch only, which no CFG split can halve again: there ``cfg_parallel=True`` means "where it can"."""
+    if options.get("cfg_parallel") is True:
+        options = {**options, "cfg_parallel": "auto"}
+    return ParallelControlNet(parallelize(controlnet, world_size, gather_outputs=False, **options),
+                              parallelize(controlnet, world_size, **options))
 
 
 def _from_rank0(comm: Communicator, x: torch.Tensor) -> torch.Tensor:

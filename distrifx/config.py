@@ -124,6 +124,7 @@ class ParallelConfig:
     extrapolate: float = 0.0  # stale values: last step's + this x (last step's - the one before's)
     fresh: tuple[str, ...] = ()  # exchange kinds (FRESH_KINDS) stale mode still does synchronously
     bucket_mb: float = 0.0  # stale exchanges sent in collectives of up to this many MiB (0: one each)
+    gather_outputs: bool = True  # False: a sharded output is returned full size, only this rank's rows computed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))
@@ -150,6 +151,8 @@ class ParallelConfig:
         if not _is_number(self.bucket_mb) or self.bucket_mb < 0:
             problems.append(f"bucket_mb={self.bucket_mb!r} must be a number >= 0 (MiB of stale exchanges sent "
                             "in one collective; 0: one collective per exchange)")
+        if not isinstance(self.gather_outputs, bool):
+            problems.append(f"gather_outputs={self.gather_outputs!r} must be True or False")
         if not _is_number(self.timeout_s) or self.timeout_s <= 0:
             problems.append(f"timeout_s={self.timeout_s!r} must be a number of seconds > 0")
         if problems:

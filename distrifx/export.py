@@ -540,13 +540,15 @@ def export(
     extrapolate: float = 0.0,
     fresh: Sequence[Literal["halo", "kv"]] = (),
     bucket_mb: float = 0.0,
+    gather_outputs: bool = True,
     format: Literal["pt2", "aoti", "onnx", "tensorrt"] = "pt2",
     pipeline: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write every rank's program for ``model(*args, **kwargs)`` to ``out_dir``; return the manifest path.
 
     Runs in one process, without a process group. ``mode``, ``warmup_steps``, ``warmup_fraction``,
-    ``gn_variant``, ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate``, ``fresh`` and ``bucket_mb`` are those of
+    ``gn_variant``, ``kv_exchange``, ``cfg_parallel``, ``stale_dtype``, ``extrapolate``, ``fresh``, ``bucket_mb`` and
+    ``gather_outputs`` are those of
     :func:`distrifx.parallelize`: with an even batch and world size (and ``cfg_parallel`` not False)
     each rank's program handles half the batch, patch-parallel over ``world_size / 2`` ranks. The
     files are specialized to the shapes, dtypes and device of ``args``/``kwargs`` and to ``world_size``. ``pipeline`` (JSON values) is
@@ -567,7 +569,7 @@ def export(
     config = ParallelConfig(world_size=world_size, mode=mode, warmup_steps=warmup_steps,
                             warmup_fraction=warmup_fraction, gn_variant=gn_variant, kv_exchange=kv_exchange,
                             cfg_parallel=cfg_parallel, stale_dtype=stale_dtype, extrapolate=extrapolate, fresh=fresh,
-                            bucket_mb=bucket_mb)
+                            bucket_mb=bucket_mb, gather_outputs=gather_outputs)
     out = Path(out_dir)
     _check_target(out)
     model = model.eval()

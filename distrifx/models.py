@@ -19,6 +19,7 @@ __all__ = [
     "UNET_CONFIGS",
     "TRANSFORMER_CONFIGS",
     "random_unet",
+    "random_controlnet",
     "unet_inputs",
     "random_transformer",
     "transformer_inputs",
@@ -115,6 +116,20 @@ def random_unet(name: str = "sd15", seed: int = 0, **overrides: Any) -> torch.nn
     return UNet2DConditionModel(**{**UNET_CONFIGS[name], **overrides}).eval()
 
 
+def random_controlnet(unet: torch.nn.Module, seed: int = 0, factor: int = 2) -> torch.nn.Module:
+    """A ``ControlNetModel`` of ``unet``'s encoder (its weights copied, as ``from_unet`` does) for a
+    conditioning image ``factor`` (a power of two) times the latent's size. Its zero convs get random
+    weights (their initialisation makes every residual 0, which would test nothing)."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    channels = tuple(8 * 2**i for i in range(factor.bit_length()))
+    net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels).eval()
+    for conv in (*net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+        conv.reset_parameters()
+    return net
+
+
 def unet_inputs(
     unet: torch.nn.Module, batch: int = 1, height: int = 16, width: int = 16, seed: int = 0, tokens: int = 7
 ) -> tuple[tuple, dict]:
@@ -170,8 +185,12 @@ def _tiny_vae(seed: int, **overrides: Any) -> Any:
     ), **overrides}).eval()
 
 
+_CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+
+
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
-    """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights.
+    """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights (the
+    tiny VAE's latent is half the image's size); ``sd15-controlnet`` and ``sdxl-controlnet`` add a ControlNet.
 
     ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 always uses its flow-matching scheduler).
     """
@@ -193,6 +212,10 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             unet=random_unet("sd15", seed), scheduler=sched, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
+    if (base_kind := kind.removesuffix("-controlnet")) != kind and base_kind in _CONTROLNET_PIPELINES:
+        base = tiny_pipeline(base_kind, seed, scheduler)  # its parts, and a ControlNet of its UNet
+        return getattr(diffusers, _CONTROLNET_PIPELINES[base_kind])(**base.components,
+                                                                    controlnet=random_controlnet(base.unet, seed))
     if kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
             vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(16, seed), tokenizer=_tiny_tokenizer(),
@@ -206,7 +229,8 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             tokenizer=_tiny_tokenizer(), text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True),
             tokenizer_2=_tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None,
         )
-    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl' or 'sd3'")
+    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'sd15-controlnet' or "
+                     "'sdxl-controlnet'")
 
 
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {

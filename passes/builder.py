@@ -195,6 +195,19 @@ class Builder:
         gathered = self.exchange(name, kind, ops.all_gather_start, (block, shard.dim), payload)[0]
         return self.join_segment(head, gathered, tail, shard.dim)
 
+    def own_rows(self, new: Node, old: Node, shard: Shard) -> Node:
+        """``old`` at its full size with only this rank's block of ``shard`` in it, the other ranks'
+        rows NaN (no communication): for a consumer that reads its own rows only. Values NaN cannot
+        stand in for (integers) are gathered instead."""
+        if not old.meta["val"].dtype.is_floating_point:
+            return self.gather(f"output_{old.name}", "output", new, old, shard)
+        head, block, tail = self.split_segment(new, old, shard)
+        rows = shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size)
+        before, after = self.ctx.rank * rows, (self.ctx.world_size - 1 - self.ctx.rank) * rows
+        pad = [0, 0] * (old.meta["val"].dim() - 1 - shard.dim) + [before, after]
+        padded = self.call(aten.constant_pad_nd.default, (block, pad, math.nan))
+        return self.join_segment(head, padded, tail, shard.dim)
+
     def block_payload(self, old: Node, shard: Shard) -> Payload:
         """What a rank hands a gather of ``old``: its block of ``shard`` (head and tail excluded)."""
         return Payload.of(old, shard.dim, shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size))

@@ -49,6 +49,7 @@ class PassContext:
     extrapolate: float = 0.0  # stale values extrapolated from the last two steps by this fraction
     fresh: tuple[str, ...] = ()  # exchange kinds a stale graph still does synchronously
     bucket_bytes: int = 0  # stale exchanges coalesced into collectives of up to this many bytes (0: off)
+    gather_outputs: bool = True  # False: sharded outputs keep only this rank's rows (the rest NaN), no gather
 
     @classmethod
     def for_config(cls, config: ParallelConfig, rank: int, phase: str, name: str) -> PassContext:
@@ -56,7 +57,7 @@ class PassContext:
         return cls(rank=rank, world_size=config.world_size, phase=phase, gn_variant=config.gn_variant,
                    kv_exchange=config.kv_exchange, name=name, stale_dtype=config.stale_dtype,
                    extrapolate=float(config.extrapolate), fresh=config.fresh,
-                   bucket_bytes=int(config.bucket_mb * 2**20))
+                   bucket_bytes=int(config.bucket_mb * 2**20), gather_outputs=config.gather_outputs)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 Contract: needs ``annotate`` (reads ``distrifx.decision`` on every node). Produces a new graph
 whose placeholders are ``comm``, the user inputs (full size, as the caller passes them), then one
 ``stale_<site>`` input per carried exchange read in this phase; whose output is
-``(*user outputs, *state outputs)``, every user output full size on every rank. Writes the
+``(*user outputs, *state outputs)``, every user output full size on every rank (with
+``gather_outputs=False`` a sharded one holds only this rank's rows, the rest NaN). Writes the
 signature and exchange sites to ``gm.meta``.
 """
 
@@ -54,6 +55,8 @@ def _gather_output(b: Builder, old: Node) -> Node:
     placement = placement_of(old)
     if not isinstance(placement, Shard):
         return b.env[old]
+    if not b.ctx.gather_outputs:
+        return b.own_rows(b.env[old], old, placement)
     return b.gather(f"output_{old.name}", "output", b.env[old], old, placement)
 
 

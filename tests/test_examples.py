@@ -39,3 +39,14 @@ def test_the_comparison_example_puts_stale_patches_closer_to_one_device_than_nai
     assert set(psnr) == {(2, "stale"), (2, "naive"), (4, "stale"), (4, "naive")}
     assert psnr[2, "stale"] > psnr[2, "naive"] and psnr[4, "stale"] > psnr[4, "naive"]
     assert Image.open(out).size[0] > Image.open(out).size[1]  # the images side by side
+
+
+@pytest.mark.timeout(330)
+def test_the_controlnet_example_sends_less_when_the_residuals_stay_on_their_ranks(tmp_path):
+    stdout = _run([sys.executable, str(EXAMPLES / "controlnet.py"), "--model", "sd15", "--latent", "16", "--steps", "4"],
+                  tmp_path)
+    rows = dict(re.findall(r"\| (1 process[^|]*|N=2 stale, [^|]*) \| [\d.]+ \| [\d.]+x \| ([\d.]+) \|", stdout))
+    kept, gathered = float(rows["N=2 stale, residuals kept on their ranks"]), float(rows["N=2 stale, residuals gathered whole"])
+    unsplit = float(rows["N=2 stale, ControlNet whole on every rank"])
+    assert float(rows["1 process, unmodified"]) == 0
+    assert unsplit < kept < gathered  # the split ControlNet's halo rows and K/V, then its residuals' gathers

@@ -189,17 +189,18 @@ def test_an_export_written_before_an_option_existed_reads_as_compiled_with_its_d
     manifest["options"] = {k: v for k, v in manifest["options"].items() if k in FIRST_OPTIONS}
     (old / MANIFEST).write_text(json.dumps(manifest))
     assert read_manifest(old)["options"] == {**manifest["options"], "extrapolate": 0.0, "fresh": [],
-                                             "warmup_fraction": 0.0, "bucket_mb": 0.0}
+                                             "warmup_fraction": 0.0, "bucket_mb": 0.0, "gather_outputs": True}
 
 
 def test_every_option_survives_the_manifest():
     """Each stored option set away from its default, through JSON and back, gives the same config."""
     config = ParallelConfig(world_size=2, mode="naive", warmup_steps=2, warmup_fraction=0.3, gn_variant="sync",
                             kv_exchange="hidden", cfg_parallel=False, stale_dtype="float16", extrapolate=0.5,
-                            fresh=("kv",), bucket_mb=8.0)
+                            fresh=("kv",), bucket_mb=8.0, gather_outputs=False)
     assert all(getattr(config, f.name) != f.default for f in _option_fields())
     stored = json.loads(json.dumps(_stored_options(config)))
     assert stored["stale_dtype"] == "float16" and stored["fresh"] == ["kv"] and stored["bucket_mb"] == 8.0
+    assert stored["gather_outputs"] is False
     assert ParallelConfig(world_size=2, cfg_parallel=False, **_read_options(stored, Path(MANIFEST))) == config
 
 
@@ -210,7 +211,7 @@ def test_manifest_describes_versions_inputs_files_and_every_ranks_program(export
     assert manifest["distrifx_version"] == distrifx.__version__ and manifest["torch_version"] == torch.__version__
     assert manifest["options"] == {"mode": "stale", "warmup_steps": 1, "warmup_fraction": 0.0, "gn_variant": "corrected",
                                    "kv_exchange": "auto", "stale_dtype": None, "extrapolate": 0.0, "fresh": [],
-                                   "bucket_mb": 0.0}
+                                   "bucket_mb": 0.0, "gather_outputs": True}
     assert manifest["cfg_split"] is False and manifest["pipeline"] is None  # batch 1: nothing to split
     assert manifest["model"]["class"] == "UNet2DConditionModel" and manifest["model"]["config"]["in_channels"] == 4
     assert manifest["model"]["dtype"] == "float32" and manifest["model"]["device"] == "cpu"

@@ -18,7 +18,7 @@ from distrifx.runtime.cfg import CfgSplit, LocalCall, local_call
 from distrifx.runtime.comm import CommStats, Communicator, check_same_inputs
 from distrifx.runtime.program import Generation, RankProgram, build_program
 
-__all__ = ["ParallelModule", "SteppedModule", "PIPELINE_ATTRIBUTES"]
+__all__ = ["ParallelModule", "SteppedModule", "PIPELINE_ATTRIBUTES", "number_as_tensor"]
 
 # What diffusers pipelines read from their denoiser besides calling it. Forwarded explicitly to
 # the wrapped model; anything else is at ``pmodel.module``.
@@ -26,6 +26,12 @@ PIPELINE_ATTRIBUTES = frozenset({
     "config", "dtype", "device", "add_embedding", "encoder_hid_proj", "cache_context",
     "time_embedding", "time_proj", "_hf_hook",
 })
+
+
+def number_as_tensor(value: object) -> object:
+    """A Python number as a 0-d tensor (as a number it would be a constant of the captured graph, and
+    each new value a new capture); anything else as it is."""
+    return torch.tensor(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
 
 
 def _leaf_paths(params: list[str], args: tuple, kwargs: dict) -> list[tuple[str, Any]]:
@@ -128,10 +134,10 @@ class ParallelModule(SteppedModule):
         except TypeError:
             bound = None
         t = bound.arguments.get(self._timestep_param) if bound else None
-        if not isinstance(t, (int, float)) or isinstance(t, bool):
+        if (as_tensor := number_as_tensor(t)) is t:
             return args, kwargs, t
-        bound.arguments[self._timestep_param] = t = torch.tensor(t)
-        return bound.args, bound.kwargs, t
+        bound.arguments[self._timestep_param] = as_tensor
+        return bound.args, bound.kwargs, as_tensor
 
     @torch.no_grad()
     def forward(self, *args: Any, **kwargs: Any) -> Any:

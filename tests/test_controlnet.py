@@ -1,0 +1,231 @@
+"""A ControlNet beside the UNet: patch-parallel, its residuals kept on the ranks that add them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._pytree import tree_leaves
+
+import distrifx
+from distrifx.errors import ConfigError
+from distrifx.models import random_controlnet, random_unet, tiny_pipeline, unet_inputs
+
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """An SD 1.5-layout UNet, its ControlNet (conditioning image 8x the latent) and their inputs."""
+    unet = random_unet("sd15")
+    controlnet = random_controlnet(unet, seed=1, factor=8)
+    args, kwargs = unet_inputs(unet, height=32, width=32)
+    cond = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(2))
+    return unet, controlnet, args, {**kwargs, "controlnet_cond": cond}
+
+
+def _residuals(controlnet, args, kwargs):
+    down, mid = controlnet(*args, **{**kwargs, "return_dict": False})
+    return [*down, mid]
+
+
+def _unet_kwargs(kwargs, residuals):
+    unet_kwargs = {k: v for k, v in kwargs.items() if k != "controlnet_cond"}
+    return {**unet_kwargs, "down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
+
+
+def _parallel_controlnet(controlnet, group, **options):
+    options = dict(mode="sync", process_group=group, **options)
+    return distrifx.ParallelControlNet(
+        distrifx.parallelize(controlnet, group.world_size, gather_outputs=False, **options),
+        distrifx.parallelize(controlnet, group.world_size, **options))
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_own_rows_outputs_hold_this_ranks_rows_and_nan_elsewhere(pair, world_size):
+    _, controlnet, args, kwargs = pair
+    with torch.no_grad():
+        expected = _residuals(controlnet, args, kwargs)
+
+    def rank(group):
+        own = distrifx.parallelize(controlnet, world_size, mode="sync", process_group=group, gather_outputs=False)
+        whole = distrifx.parallelize(controlnet, world_size, mode="sync", process_group=group)
+        return _residuals(own, args, kwargs), own.last_stats, _residuals(whole, args, kwargs), whole.last_stats
+
+    for r, (own, own_stats, whole, whole_stats) in enumerate(distrifx.simulate(rank, world_size)):
+        assert own_stats.bytes_sent < whole_stats.bytes_sent  # the gathers are gone, the halo exchanges stay
+        for got, full, want in zip(own, whole, expected):
+            rows = want.shape[2] // world_size
+            mine = slice(r * rows, (r + 1) * rows)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got[:, :, mine], want[:, :, mine], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(full, want, rtol=1e-4, atol=1e-5)
+            others = torch.ones(want.shape[2], dtype=torch.bool)
+            others[mine] = False
+            assert got[:, :, others].isnan().all()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_unet_fed_own_rows_residuals_equals_the_unmodified_pair(pair, world_size):
+    unet, controlnet, args, kwargs = pair
+    with torch.no_grad():
+        expected = unet(*args, **_unet_kwargs(kwargs, _residuals(controlnet, args, kwargs))).sample
+
+    def rank(group):
+        pcontrolnet = distrifx.parallelize(controlnet, world_size, mode="sync", process_group=group,
+                                           gather_outputs=False)
+        punet = distrifx.parallelize(unet, world_size, mode="sync", process_group=group)
+        return punet(*args, **_unet_kwargs(kwargs, _residuals(pcontrolnet, args, kwargs))).sample
+
+    for out in distrifx.simulate(rank, world_size):
+        assert not out.isnan().any()
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_stale_own_rows_are_the_gathered_stale_outputs_rows(pair):
+    _, controlnet, args, kwargs = pair
+    sample, _ = args
+
+    def rank(group):
+        options = dict(mode="stale", warmup_steps=1, process_group=group)
+        own = distrifx.parallelize(controlnet, 2, gather_outputs=False, **options)
+        whole = distrifx.parallelize(controlnet, 2, **options)
+        steps = []
+        for t in (900, 600, 300):
+            step_args = (sample * (t / 1000), torch.tensor(t))
+            steps.append((_residuals(own, step_args, kwargs), _residuals(whole, step_args, kwargs), own.last_phase))
+        return steps
+
+    for r, steps in enumerate(distrifx.simulate(rank, 2)):
+        assert [phase for *_, phase in steps] == ["warmup", "stale", "stale"]
+        for own, whole, _ in steps:
+            for got, full in zip(own, whole):
+                rows = full.shape[2] // 2
+                assert torch.equal(got[:, :, r * rows:(r + 1) * rows], full[:, :, r * rows:(r + 1) * rows])
+
+
+def test_a_multi_controlnet_sums_its_residuals_on_their_ranks(pair):
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    unet, controlnet, args, kwargs = pair
+    multi = MultiControlNetModel([controlnet, random_controlnet(unet, seed=3, factor=8)]).eval()
+    cond = kwargs["controlnet_cond"]
+    multi_kwargs = {**kwargs, "controlnet_cond": [cond, cond.flip(2)], "conditioning_scale": [1.0, 0.5]}
+    with torch.no_grad():
+        expected = unet(*args, **_unet_kwargs(kwargs, _residuals(multi, args, multi_kwargs))).sample
+
+    def rank(group):
+        pmulti = _parallel_controlnet(multi, group)
+        assert isinstance(pmulti, MultiControlNetModel) and len(pmulti.nets) == 2  # what the pipelines read
+        punet = distrifx.parallelize(unet, 2, mode="sync", process_group=group)
+        return punet(*args, **_unet_kwargs(kwargs, _residuals(pmulti, args, multi_kwargs))).sample, pmulti.own_rows.last_stats
+
+    for out, stats in distrifx.simulate(rank, 2):
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+        assert stats.bytes_sent > 0
+
+
+def test_a_changing_conditioning_scale_stays_in_one_capture_and_one_generation(pair):
+    _, controlnet, args, kwargs = pair
+    sample, _ = args
+    calls = [(900, 1.0), (600, 0.5), (300, 0.0)]
+    with torch.no_grad():
+        expected = [_residuals(controlnet, (sample, torch.tensor(t)), {**kwargs, "conditioning_scale": s})
+                    for t, s in calls]
+
+    def rank(group):
+        pcontrolnet = _parallel_controlnet(controlnet, group)
+        outs = [_residuals(pcontrolnet, (sample, torch.tensor(t)), {**kwargs, "conditioning_scale": s})
+                for t, s in calls]
+        return outs, len(pcontrolnet.own_rows._programs), pcontrolnet.own_rows.generation.steps.step
+
+    for r, (outs, programs, step) in enumerate(distrifx.simulate(rank, 2)):
+        assert programs == 1 and step == len(calls) - 1
+        for got, want in zip(tree_leaves(outs), tree_leaves(expected)):
+            rows = slice(r * want.shape[2] // 2, (r + 1) * want.shape[2] // 2)
+            torch.testing.assert_close(got[:, :, rows], want[:, :, rows], rtol=1e-4, atol=1e-5)
+
+
+def test_an_exported_controlnet_keeps_its_residuals_on_their_ranks(pair, tmp_path):
+    _, controlnet, args, kwargs = pair
+    kwargs = {**kwargs, "return_dict": False}
+    distrifx.export(controlnet, tmp_path, 2, args=args, kwargs=kwargs, mode="sync", gather_outputs=False)
+    with torch.no_grad():
+        expected = _residuals(controlnet, args, kwargs)
+    outs = distrifx.simulate(lambda g: tree_leaves(distrifx.load(tmp_path, process_group=g)(*args, **kwargs)), 2)
+    for r, residuals in enumerate(outs):
+        for got, want in zip(residuals, expected):
+            rows = want.shape[2] // 2
+            mine, other = slice(r * rows, (r + 1) * rows), slice((1 - r) * rows, (2 - r) * rows)
+            torch.testing.assert_close(got[:, :, mine], want[:, :, mine], rtol=1e-4, atol=1e-5)
+            assert got[:, :, other].isnan().all()
+
+
+def test_gather_outputs_must_be_a_bool():
+    with pytest.raises(ConfigError, match="gather_outputs='no' must be True or False"):
+        distrifx.parallelize(torch.nn.Identity(), 2, gather_outputs="no")
+
+
+# -- an unmodified diffusers ControlNet pipeline, loaded from disk -----------------------------
+
+@pytest.fixture(scope="module", params=["sd15-controlnet", "sdxl-controlnet"])
+def saved(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipes") / request.param
+    tiny_pipeline(request.param).save_pretrained(path)
+    return path
+
+
+def _load(path):
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _generate(pipe, **kwargs):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    args = dict(prompt=PROMPT, image=image, height=32, width=32, num_inference_steps=5, output_type="latent",
+                generator=torch.Generator().manual_seed(0))
+    return pipe(**{**args, **kwargs}).images
+
+
+def _parallel(path, world_size, call, **options):
+    pipes = [_load(path) for _ in range(world_size)]  # built before the threads: global RNG
+
+    def rank(group):
+        from diffusers import ControlNetModel
+
+        pipe = distrifx.parallelize_pipeline(pipes[group.rank], world_size, process_group=group, **options)
+        assert isinstance(pipe.controlnet, ControlNetModel)  # what the pipeline branches on
+        assert isinstance(pipe.controlnet, distrifx.ParallelControlNet)
+        return call(pipe), pipe.controlnet.own_rows.last_stats, pipe.controlnet.whole.last_stats
+
+    return distrifx.simulate(rank, world_size)
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("world_size,cfg,guess_mode", [(2, False, False), (4, True, False), (4, True, True)])
+def test_sync_controlnet_pipeline_equals_single_device(saved, world_size, cfg, guess_mode):
+    """In guess mode the ControlNet sees half the UNet's guidance batch: those calls gather."""
+    call = lambda p: _generate(p, guess_mode=guess_mode)  # noqa: E731
+    expected = call(_load(saved))
+    for out, own_stats, whole_stats in _parallel(saved, world_size, call, mode="sync", cfg_parallel=cfg):
+        assert _rel_err(out, expected) < 1e-4
+        assert (whole_stats.bytes_sent > 0) == guess_mode and (own_stats.bytes_sent > 0) != guess_mode
+
+
+def test_stale_controlnet_pipeline_is_close_and_naive_is_not_closer(saved):
+    call = lambda p: _generate(p, num_inference_steps=10)  # noqa: E731
+    expected = call(_load(saved))
+    stale = _parallel(saved, 2, call, mode="stale", warmup_steps=2, cfg_parallel=False)[0][0]
+    naive = _parallel(saved, 2, call, mode="naive", cfg_parallel=False)[0][0]
+    assert _rel_err(stale, expected) < _rel_err(naive, expected)
+    assert _rel_err(stale, expected) < 0.2
+
+
+def test_parallelize_pipeline_refuses_gather_outputs(saved):
+    with pytest.raises(ConfigError, match="takes no gather_outputs"):
+        distrifx.parallelize_pipeline(_load(saved), 2, gather_outputs=False)
