@@ -63,7 +63,8 @@ def parallelize(
     """Split ``model`` into ``world_size`` row patches, one per rank of ``process_group``.
 
     Call on every rank. The result has the model's call signature and return type and returns
-    the full output on every rank, so it can replace ``pipe.unet`` in an unmodified pipeline.
+    the full output on every rank (but see ``gather_outputs``), so it can replace ``pipe.unet`` in an
+    unmodified pipeline.
     ``kv_exchange`` picks what self-attention exchanges when K and V are projections of one
     token tensor: "kv", "hidden" (gather the tensor, project locally), or "auto" (a cost model
     of bytes saved against projection FLOPs for the device).
