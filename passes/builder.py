@@ -199,12 +199,13 @@ class Builder:
         """``old`` at its full size with only this rank's block of ``shard`` in it, the other ranks'
         rows NaN (no communication): for a consumer that reads its own rows only. Values NaN cannot
         stand in for (integers) are gathered instead."""
-        if not old.meta["val"].dtype.is_floating_point:
+        val = old.meta["val"]
+        if not val.dtype.is_floating_point:
             return self.gather(f"output_{old.name}", "output", new, old, shard)
         head, block, tail = self.split_segment(new, old, shard)
-        rows = shard.block(int(old.meta["val"].shape[shard.dim]), self.ctx.world_size)
+        rows = shard.block(int(val.shape[shard.dim]), self.ctx.world_size)
         before, after = self.ctx.rank * rows, (self.ctx.world_size - 1 - self.ctx.rank) * rows
-        pad = [0, 0] * (old.meta["val"].dim() - 1 - shard.dim) + [before, after]
+        pad = [0, 0] * (val.dim() - 1 - shard.dim) + [before, after]
         padded = self.call(aten.constant_pad_nd.default, (block, pad, math.nan))
         return self.join_segment(head, padded, tail, shard.dim)
 

@@ -7,6 +7,7 @@ import torch
 from torch.utils._pytree import tree_leaves
 
 import distrifx
+from distrifx.api import _parallelize_controlnet
 from distrifx.errors import ConfigError
 from distrifx.models import random_controlnet, random_unet, tiny_pipeline, unet_inputs
 
@@ -33,11 +34,9 @@ def _unet_kwargs(kwargs, residuals):
     return {**unet_kwargs, "down_block_additional_residuals": residuals[:-1], "mid_block_additional_residual": residuals[-1]}
 
 
-def _parallel_controlnet(controlnet, group, **options):
-    options = dict(mode="sync", process_group=group, **options)
-    return distrifx.ParallelControlNet(
-        distrifx.parallelize(controlnet, group.world_size, gather_outputs=False, **options),
-        distrifx.parallelize(controlnet, group.world_size, **options))
+def _parallel_controlnet(controlnet, group):
+    """What parallelize_pipeline makes of ``pipe.controlnet``, in sync mode."""
+    return _parallelize_controlnet(controlnet, group.world_size, dict(mode="sync", process_group=group))
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

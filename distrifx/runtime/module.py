@@ -81,8 +81,9 @@ class ParallelModule(SteppedModule):
     """A model split into row patches over the ranks of a communicator.
 
     Call it exactly like the model: same arguments, same return type, the full output on every
-    rank (with ``gather_outputs=False``, only this rank's rows of a sharded one). Graphs are captured and built on the first call for each input signature. Inference
-    only: forward runs without autograd (collectives have no backward here).
+    rank (with ``gather_outputs=False``, only this rank's rows of a sharded one). Graphs are
+    captured and built on the first call for each input signature. Inference only: forward runs
+    without autograd (collectives have no backward here).
     """
 
     def __init__(self, model: nn.Module, config: ParallelConfig, comm: Communicator) -> None:
