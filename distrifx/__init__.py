@@ -22,7 +22,7 @@ from distrifx.errors import (
 )
 from distrifx.runtime import ParallelControlNet, ParallelModule, simulate
 from distrifx.inspect import Plan, explain
-from distrifx.export import export, export_pipeline, load
+from distrifx.export import export, export_pipeline, load, load_pipeline
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "export",
     "export_pipeline",
     "load",
+    "load_pipeline",
     "Plan",
     "ParallelModule",
     "ParallelControlNet",

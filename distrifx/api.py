@@ -81,9 +81,10 @@ def parallelize(
     keys/values stay stale; with ``gn_variant="sync"`` that is the most exact setting short of
     sync mode (measured in docs/benchmarks.md).
     ``gather_outputs=False`` skips the gather of sharded outputs: each comes back at its full size
-    with only this rank's rows computed and every other row NaN, for a consumer that is itself
-    parallelized and reads only its own rows (a ControlNet's residuals, added to the UNet's
-    activations: what :func:`parallelize_pipeline` does with ``pipe.controlnet``).
+    with only this rank's rows computed and every other row NaN (under a CFG split, also only this
+    rank's batch half), for a consumer that is itself parallelized and reads only its own rows (a
+    ControlNet's residuals, added to the UNet's activations: what :func:`parallelize_pipeline` does
+    with ``pipe.controlnet``).
     ``backend="inductor"`` compiles the compute between collectives (see docs/compile.md);
     ``backend="tensorrt"`` builds TensorRT engines for it (CUDA and torch-tensorrt needed).
 
@@ -151,19 +152,11 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
     name = _denoiser_name(pipe)
     pmodel = parallelize(getattr(pipe, name), world_size, **options)
     setattr(pipe, name, pmodel)
-    parallel = [pmodel]
+    parallel: list[nn.Module] = [pmodel]
     if isinstance(getattr(pipe, "controlnet", None), nn.Module):
         pipe.controlnet = _parallelize_controlnet(pipe.controlnet, world_size, options)
         parallel.append(pipe.controlnet)
-    prepare_latents = pipe.prepare_latents
-
-    def shared_prepare_latents(*args: Any, **kwargs: Any) -> Any:
-        for module in parallel:
-            module.reset()
-        latents = prepare_latents(*args, **kwargs)
-        return tree_map(lambda x: _from_rank0(pmodel.comm, x) if isinstance(x, torch.Tensor) else x, latents)
-
-    pipe.prepare_latents = shared_prepare_latents
+    start_alike(pipe, parallel, pmodel.comm)
     if parallel_vae:
         from distrifx.vae import parallelize_vae_decoder
 
@@ -175,13 +168,35 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
     return pipe
 
 
-def _parallelize_controlnet(controlnet: nn.Module, world_size: int, options: dict[str, Any]) -> ParallelControlNet:
-    """``controlnet`` split as the denoiser is. In guess mode it runs on the conditional half of a guidance
-    batch only, which no CFG split can halve again: there ``cfg_parallel=True`` means "where it can"."""
+def controlnet_options(options: dict[str, Any]) -> dict[str, Any]:
+    """A pipeline's ControlNet options, from its denoiser's. In guess mode the ControlNet runs on the conditional
+    half of a guidance batch only, which no CFG split can halve again: there ``cfg_parallel=True`` means "where it
+    can"; its residuals stay on the ranks that add them."""
+    own_rows = {**options, "gather_outputs": False}
     if options.get("cfg_parallel") is True:
-        options = {**options, "cfg_parallel": "auto"}
-    return ParallelControlNet(parallelize(controlnet, world_size, gather_outputs=False, **options),
-                              parallelize(controlnet, world_size, **options))
+        own_rows["cfg_parallel"] = "auto"
+    return own_rows
+
+
+def _parallelize_controlnet(controlnet: nn.Module, world_size: int, options: dict[str, Any]) -> ParallelControlNet:
+    """``controlnet`` split as the denoiser is (:func:`controlnet_options`); guess-mode calls gather."""
+    own_rows = controlnet_options(options)
+    return ParallelControlNet(parallelize(controlnet, world_size, **own_rows),
+                              parallelize(controlnet, world_size, **{**own_rows, "gather_outputs": True}))
+
+
+def start_alike(pipe: Any, modules: list[nn.Module], comm: Communicator) -> None:
+    """Wrap ``pipe.prepare_latents``: each call begins a generation of ``modules`` (their ``reset``), and every
+    rank takes rank 0's initial latents, whatever its generator."""
+    prepare_latents = pipe.prepare_latents
+
+    def shared_prepare_latents(*args: Any, **kwargs: Any) -> Any:
+        for module in modules:
+            module.reset()
+        latents = prepare_latents(*args, **kwargs)
+        return tree_map(lambda x: _from_rank0(comm, x) if isinstance(x, torch.Tensor) else x, latents)
+
+    pipe.prepare_latents = shared_prepare_latents
 
 
 def _from_rank0(comm: Communicator, x: torch.Tensor) -> torch.Tensor:

@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (rank 0's initial latents are shared)")
     gen.add_argument("--out", type=Path, default=Path("distrifx.png"), help="output PNG (default distrifx.png)")
     gen.add_argument("--engines", type=Path, default=None,
-                     help="a distrifx compile output: every rank runs its denoiser from these files (distrifx.load); "
+                     help="a distrifx compile output: every rank runs its denoiser from these files (distrifx.load_pipeline); "
                           "height, width, guidance and the parallel options are the export's")
     gen.add_argument("--allow-native-code", action="store_true",
                      help="with --engines: open an aoti export's compiled libraries (native code; only exports "
@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="export every rank's program offline (pt2, aoti, onnx or tensorrt)",
                           description="Capture a pipeline's denoiser as the pipeline calls it at one resolution "
                                       "(or its VAE decoder), build every rank's program and write them with a "
-                                      "manifest; run with distrifx generate --engines, or load with distrifx.load.")
+                                      "manifest; run with distrifx generate --engines, or load with distrifx.load_pipeline.")
     comp.add_argument("--model", type=Path, default=None,
                       help="local diffusers pipeline directory (default: the embedded default model)")
     comp.add_argument("--component", choices=["unet", "transformer", "vae"], default=None,
@@ -334,15 +334,13 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
     import torch.distributed as dist
 
     import distrifx
-    from distrifx.api import _denoiser_name
 
     rank = dist.get_rank() if dist.is_initialized() else 0
     pipe = _load_pipeline(options["model"])
     load_s = 0.0
     if options["engines"] is not None:
         start = time.perf_counter()
-        loaded = distrifx.load(options["engines"], allow_native_code=options["allow_native_code"])
-        setattr(pipe, _denoiser_name(pipe), loaded)
+        pipe = distrifx.load_pipeline(pipe, options["engines"], allow_native_code=options["allow_native_code"])
         load_s = time.perf_counter() - start
     elif options["world_size"] > 1:
         pipe = distrifx.parallelize_pipeline(

@@ -21,7 +21,8 @@ phases tracked exactly like :class:`~distrifx.runtime.module.ParallelModule`. It
 TensorRT programs are read; nothing is unpickled. AOTInductor packages hold native code, which
 opening them runs: :func:`load` opens them only with ``allow_native_code=True``.
 
-:func:`export_pipeline` exports a pipeline's denoiser as the pipeline calls it.
+:func:`export_pipeline` exports a pipeline's denoiser (and ControlNet) as the pipeline calls them;
+:func:`load_pipeline` puts them back into a pipeline on every rank.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ import json
 import operator
 import os
 import re
+import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -57,7 +60,7 @@ from torch.utils._pytree import (
     treespec_loads,
 )
 
-from distrifx.api import _communicator, _denoiser_name
+from distrifx.api import _communicator, _denoiser_name, controlnet_options, start_alike
 from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
 from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
@@ -67,11 +70,12 @@ from distrifx.passes import META_SIGNATURE, RankSignature
 from distrifx.runtime import ops
 from distrifx.runtime.cfg import CfgSplit, batch_half, batch_size, local_call, wants_split
 from distrifx.runtime.comm import Communicator, SimulatedGroup, check_same_inputs
+from distrifx.runtime.controlnet import ParallelControlNet, controlnet_call
 from distrifx.runtime.module import SteppedModule, _leaf_paths
 from distrifx.runtime.program import RankProgram, build_program, phases_for
 from distrifx.runtime.simulate import simulate
 
-__all__ = ["export", "export_pipeline", "denoiser_call", "load", "read_manifest", "ExportedModule",
+__all__ = ["export", "export_pipeline", "denoiser_call", "load", "load_pipeline", "read_manifest", "ExportedModule",
            "RecordedAttributes", "ArtifactError", "InputSignatureError", "MANIFEST", "FORMATS", "RECORDED_ATTRIBUTES"]
 
 MANIFEST = "manifest.json"
@@ -96,6 +100,8 @@ _SUFFIXES = {"pt2": "pt2", "aoti": "aoti.pt2", "onnx": "onnx", "tensorrt": "ep"}
 # CUDA export runs on each rank's current GPU).
 _FORMAT_DEVICES = {"onnx": ("cpu", "onnxruntime's CPU provider"), "tensorrt": ("cuda", "TensorRT")}
 SEGMENT_DIR = "segments"
+# Where export_pipeline writes a pipeline's ControlNet, in its denoiser's export directory.
+CONTROLNET_DIR = "controlnet"
 # The pipeline arguments every export_pipeline manifest records under ``pipeline``; any others there are the
 # call's ``pipeline_kwargs``.
 PIPELINE_ARGUMENTS = ("height", "width", "guidance_scale")
@@ -360,7 +366,7 @@ def _read_options(options: Mapping[str, Any], path: Path) -> dict[str, Any]:
 
 def _describe_model(model: nn.Module) -> dict[str, Any]:
     """What pipelines read from the model besides calling it, where the model has it."""
-    described: dict[str, Any] = {"class": type(model).__name__, "recorded": {}}
+    described: dict[str, Any] = {"class": type(model).__name__, "module": type(model).__module__, "recorded": {}}
     config = getattr(model, "config", None)
     if isinstance(config, Mapping):  # diffusers' FrozenDict
         described["config"] = _json_safe(config, "config")
@@ -621,24 +627,35 @@ def denoiser_call(pipe: Any, **call: Any) -> tuple[str, nn.Module, tuple, dict]:
         ('unet', ['added_cond_kwargs', 'cross_attention_kwargs', 'encoder_hidden_states', 'return_dict', ...])
     """
     name = _denoiser_name(pipe)
-    model = getattr(pipe, name)
-    seen: list[tuple[tuple, dict]] = []
+    return name, getattr(pipe, name), *_first_calls(pipe, [name], call)[name]
 
-    def stop(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append((args, kwargs))
-        raise _FirstCall
 
-    handle = model.register_forward_pre_hook(stop, with_kwargs=True)
+def _first_calls(pipe: Any, names: Sequence[str], call: Mapping[str, Any]) -> dict[str, tuple[tuple, dict]]:
+    """The arguments of the first call of each of ``pipe``'s modules ``names`` in ``pipe(**call)``.
+
+    The pipeline stops at the first call of the last one: name them in the order the pipeline calls them.
+    """
+    seen: dict[str, tuple[tuple, dict]] = {}
+
+    def recorder(name: str) -> Callable[[nn.Module, tuple, dict], None]:
+        def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.setdefault(name, (args, kwargs))
+            if name == names[-1]:
+                raise _FirstCall
+        return record
+
+    handles = [getattr(pipe, name).register_forward_pre_hook(recorder(name), with_kwargs=True) for name in names]
     try:
         pipe(**call)
     except _FirstCall:
         pass
     finally:
-        handle.remove()
-    if not seen:
-        raise DistrifxError(f"{type(pipe).__name__} returned without calling its {name} (called with {sorted(call)}); "
-                            "export the denoiser with distrifx.export and example inputs instead.")
-    return name, model, *seen[0]
+        for handle in handles:
+            handle.remove()
+    if missing := [name for name in names if name not in seen]:
+        raise DistrifxError(f"{type(pipe).__name__} returned without calling its {missing} (called with "
+                            f"{sorted(call)}); export them with distrifx.export and example inputs instead.")
+    return seen
 
 
 def _call_default(pipe: Any, argument: str) -> Any:
@@ -650,32 +667,65 @@ def _call_default(pipe: Any, argument: str) -> Any:
 def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, height: int, width: int,
                     guidance_scale: float | None = None, pipeline_kwargs: Mapping[str, Any] | None = None,
                     **options: Any) -> Path:
-    """Export ``pipe``'s denoiser exactly as the pipeline calls it at ``height`` x ``width``.
+    """Export ``pipe``'s denoiser, and its ControlNet, exactly as the pipeline calls them at ``height`` x ``width``.
 
     The pipeline runs up to its first denoiser call (:func:`denoiser_call`) and :func:`export`
     stores that call: its arguments (``return_dict``, ``added_cond_kwargs``, ...), shapes, dtypes
     and batch (doubled by classifier-free guidance when ``guidance_scale`` > 1; None: the
     pipeline's default). ``pipeline_kwargs`` are further pipeline arguments that shape the
-    denoiser's inputs (SD 3's ``max_sequence_length``); later calls must pass the same. The
-    manifest records them with height, width and the guidance scale. ``options`` are those of
-    :func:`export`. Load with :func:`load` and assign to ``pipe.unet`` (``pipe.transformer``) on
-    every rank.
+    denoiser's inputs (SD 3's ``max_sequence_length``); later calls must pass the same. The manifest
+    records them with height, width and the guidance scale. A ``pipe.controlnet`` is exported too,
+    into ``out_dir/controlnet``, called on a blank conditioning image (the pipeline resizes every image
+    to height x width), with its residuals kept on the ranks that add them, as
+    :func:`distrifx.parallelize_pipeline` splits it. ``options`` are those of :func:`export`. Load with
+    :func:`load_pipeline` on every rank.
 
     Example:
         >>> distrifx.export_pipeline(pipe, "sd-2r", 2, height=512, width=512, mode="stale")  # doctest: +SKIP
-        >>> pipe.unet = distrifx.load("sd-2r")                # on every rank
+        >>> pipe = distrifx.load_pipeline(pipe, "sd-2r")      # on every rank
         >>> image = pipe("a lighthouse", height=512, width=512).images[0]
     """
     if reserved := sorted(set(pipeline_kwargs or {}) & {*PIPELINE_ARGUMENTS, "prompt", "num_inference_steps"}):
         raise ConfigError(f"export_pipeline: pipeline_kwargs {reserved} are export_pipeline's own arguments (height, "
                           "width, guidance_scale) or each generation's (prompt, num_inference_steps); pass the first "
                           "as arguments and drop the others.")
+    if "gather_outputs" in options:
+        raise ConfigError("export_pipeline takes no gather_outputs: the pipeline's scheduler needs the denoiser's "
+                          "whole output, and a ControlNet's residuals are kept on their ranks already.")
+    out = Path(out_dir)
+    controlnet = _exported_controlnet(pipe)
+    _check_target(out)
+    _check_target(out / CONTROLNET_DIR)
     if guidance_scale is None:
         guidance_scale = _call_default(pipe, "guidance_scale")
     call = {"height": height, "width": width, "guidance_scale": guidance_scale, **(pipeline_kwargs or {})}
-    _, model, args, kwargs = denoiser_call(pipe, prompt="", num_inference_steps=2,
-                                           **{k: v for k, v in call.items() if v is not None})
-    return export(model, out_dir, world_size, args=args, kwargs=kwargs, pipeline=call, **options)
+    name = _denoiser_name(pipe)
+    run = {"prompt": "", "num_inference_steps": 2, **{k: v for k, v in call.items() if v is not None}}
+    names = [name]
+    if controlnet is not None:
+        names.insert(0, "controlnet")  # the order the pipeline calls them
+        run.setdefault("image", torch.zeros(1, 3, height, width))
+    calls = _first_calls(pipe, names, run)
+    args, kwargs = calls[name]
+    path = export(getattr(pipe, name), out, world_size, args=args, kwargs=kwargs, pipeline=call, **options)
+    if controlnet is not None:
+        args, kwargs, _ = controlnet_call(inspect.signature(controlnet.forward), *calls["controlnet"])
+        export(controlnet, out / CONTROLNET_DIR, world_size, args=args, kwargs=kwargs, **controlnet_options(options))
+    elif (out / CONTROLNET_DIR).exists():  # a previous export's, of a pipeline with a ControlNet
+        shutil.rmtree(out / CONTROLNET_DIR)
+    return path
+
+
+def _exported_controlnet(pipe: Any) -> nn.Module | None:
+    """``pipe.controlnet`` if it has one, refused where a loaded export cannot stand in for it."""
+    controlnet = getattr(pipe, "controlnet", None)
+    if not isinstance(controlnet, nn.Module):
+        return None
+    if hasattr(controlnet, "nets"):
+        raise ConfigError(f"export_pipeline: {type(controlnet).__name__} holds several ControlNets (.nets), which "
+                          f"{type(pipe).__name__} reads one by one; a loaded export holds no modules to read. Use "
+                          "distrifx.parallelize_pipeline for this pipeline, or export a pipeline with one ControlNet.")
+    return controlnet
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -1030,6 +1080,15 @@ def _model_attributes(model: Mapping[str, Any]) -> dict[str, Any]:
     return attributes
 
 
+def _model_class(model: Mapping[str, Any]) -> type | None:
+    """The exported model's class, where this process has imported its module (None elsewhere).
+
+    Only a module already imported is looked in: reading a manifest imports nothing.
+    """
+    cls = getattr(sys.modules.get(model.get("module", "")), model["class"], None)
+    return cls if isinstance(cls, type) else None
+
+
 class ExportedModule(SteppedModule):
     """A stored program on this rank: called like the exported model, returns what it returned.
 
@@ -1054,7 +1113,8 @@ class ExportedModule(SteppedModule):
     """
 
     def __init__(self, directory: Path, inputs: Mapping[str, Any], in_spec: TreeSpec, config: ParallelConfig,
-                 comm: Communicator, cfg: CfgSplit | None, program: RankProgram, attributes: Mapping[str, Any]) -> None:
+                 comm: Communicator, cfg: CfgSplit | None, program: RankProgram, attributes: Mapping[str, Any],
+                 model_class: type | None = None) -> None:
         super().__init__(config, comm)  # comm: every rank; with a CFG split, cfg.patch is this rank's patch group
         self.directory = directory
         self.cfg = cfg
@@ -1062,6 +1122,23 @@ class ExportedModule(SteppedModule):
         self._inputs = inputs
         self._in_spec = in_spec
         self._attributes = dict(attributes)
+        self._model_class = model_class
+
+    @property
+    def model_class(self) -> type:
+        """The exported model's class where its module is imported here (else this class): what a
+        :class:`~distrifx.ParallelControlNet` around this module answers to ``isinstance``."""
+        return self._model_class or type(self)
+
+    @property
+    def call_signature(self) -> inspect.Signature | None:
+        """How calls bind: the exported call's arguments by name (None for a ``forward(*args)`` model)."""
+        positional, keywords = self._inputs["positional"], self._inputs["keywords"]
+        if positional is None:
+            return None
+        kinds = [(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in positional]
+        kinds += [(n, inspect.Parameter.KEYWORD_ONLY) for n in keywords]
+        return inspect.Signature([inspect.Parameter(name, kind) for name, kind in kinds])
 
     def _missing(self, name: str) -> Any:
         attributes = self.__dict__.get("_attributes", {})
@@ -1119,7 +1196,7 @@ class ExportedModule(SteppedModule):
         flat = self._flat_inputs(args, kwargs)
         check_same_inputs(self.comm, flat, lambda: self._inputs["names"])
         index = self._inputs["timestep"]
-        call = local_call(self.comm, self.cfg is not None, flat, lambda: self.cfg)
+        call = local_call(self.comm, self.cfg is not None, flat, lambda: self.cfg, self.parallel_config.gather_outputs)
         return self._step(call, self.program, flat[index] if index is not None else None, self._in_spec)
 
 
@@ -1169,7 +1246,45 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
         graphs = {phase: _stored_graph(program, manifest, out, opened)
                   for phase, program in manifest["ranks"][cfg.patch.rank if cfg else comm.rank].items()}
         return ExportedModule(out, manifest["inputs"], in_spec, config, comm, cfg, RankProgram(graphs, out_spec),
-                              attributes)
+                              attributes, _model_class(manifest["model"]))
     except KeyError as exc:
         raise ArtifactError(f"{out / MANIFEST} lacks the entry {exc}; it was not written by this distrifx. "
                             "Export again.") from exc
+
+
+def load_pipeline(pipe: Any, out_dir: str | os.PathLike, process_group: Any = None,
+                  timeout_s: float = DEFAULT_TIMEOUT_S, allow_native_code: bool = False) -> Any:
+    """Put :func:`export_pipeline`'s export in ``out_dir`` into ``pipe`` on this rank; return ``pipe``.
+
+    Call on every rank. ``pipe.unet`` (``pipe.transformer``) becomes the loaded denoiser and a
+    ``pipe.controlnet`` a :class:`~distrifx.ParallelControlNet` of the ControlNet exported beside it,
+    whose residuals stay on their ranks (guess mode is refused: it needs them whole). As in
+    :func:`distrifx.parallelize_pipeline`, every rank starts from rank 0's initial latents and each
+    pipeline call begins a generation. The arguments after ``out_dir`` are those of :func:`load`.
+
+    Example:
+        >>> pipe = distrifx.load_pipeline(pipe, "sd-2r")                       # doctest: +SKIP
+        >>> image = pipe("a lighthouse", image=edges, height=512, width=512).images[0]
+    """
+    out = Path(out_dir)
+    name = _denoiser_name(pipe)
+    has_controlnet = isinstance(getattr(pipe, "controlnet", None), nn.Module)
+    if has_controlnet != (out / CONTROLNET_DIR / MANIFEST).is_file():
+        raise ArtifactError(
+            f"{type(pipe).__name__} {'has' if has_controlnet else 'has no'} controlnet, and {out} holds "
+            f"{'none' if has_controlnet else 'one'} ({out / CONTROLNET_DIR}): it was exported from another pipeline. "
+            "Export this pipeline with distrifx.export_pipeline.")
+    options = dict(process_group=process_group, timeout_s=timeout_s, allow_native_code=allow_native_code)
+    denoiser = load(out, **options)
+    parallel: list[nn.Module] = [denoiser]
+    if has_controlnet:
+        own_rows = load(out / CONTROLNET_DIR, **options)
+        if (own_rows.cfg is None) != (denoiser.cfg is None):
+            raise ArtifactError(f"{out} and {out / CONTROLNET_DIR} split the guidance batch differently (one over "
+                                "two rank groups, one not); they come from different exports. Export the pipeline "
+                                "again with distrifx.export_pipeline.")
+        pipe.controlnet = ParallelControlNet(own_rows)
+        parallel.append(pipe.controlnet)
+    setattr(pipe, name, denoiser)
+    start_alike(pipe, parallel, denoiser.comm)
+    return pipe

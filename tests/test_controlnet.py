@@ -228,3 +228,93 @@ def test_stale_controlnet_pipeline_is_close_and_naive_is_not_closer(saved):
 def test_parallelize_pipeline_refuses_gather_outputs(saved):
     with pytest.raises(ConfigError, match="takes no gather_outputs"):
         distrifx.parallelize_pipeline(_load(saved), 2, gather_outputs=False)
+
+
+def test_a_cfg_split_keeps_each_ranks_batch_half(pair):
+    """Under a CFG split the residuals' batch halves are not gathered either: the UNet reads its own half."""
+    _, controlnet, (sample, t), kwargs = pair
+    args = (torch.cat([sample, -sample]), t)
+    kwargs = {**kwargs, **{k: torch.cat([kwargs[k]] * 2) for k in ("encoder_hidden_states", "controlnet_cond")}}
+    with torch.no_grad():
+        expected = _residuals(controlnet, args, kwargs)
+
+    def rank(group):
+        own = distrifx.parallelize(controlnet, 2, mode="sync", process_group=group, gather_outputs=False,
+                                   cfg_parallel=True)
+        return _residuals(own, args, kwargs), own.last_stats
+
+    for half, (residuals, stats) in enumerate(distrifx.simulate(rank, 2)):
+        assert stats.bytes_sent == 0  # one rank per half: nothing to exchange, nothing gathered
+        for got, want in zip(residuals, expected):
+            torch.testing.assert_close(got[half], want[half], rtol=1e-4, atol=1e-5)
+            assert got[1 - half].isnan().all()
+
+
+# -- a ControlNet pipeline exported offline and loaded into the pipeline -----------------------
+
+def _loaded(path, exported, world_size, call):
+    pipes = [_load(path) for _ in range(world_size)]
+
+    def rank(group):
+        from diffusers import ControlNetModel
+
+        pipe = distrifx.load_pipeline(pipes[group.rank], exported, process_group=group)
+        assert isinstance(pipe.controlnet, ControlNetModel)  # what the pipeline branches on
+        return call(pipe, generator=torch.Generator().manual_seed(group.rank)), pipe.controlnet.own_rows.last_stats
+
+    return distrifx.simulate(rank, world_size)
+
+
+def test_an_exported_controlnet_pipeline_equals_single_device(saved, tmp_path):
+    """Patch and CFG split at once (N=4): rows and batch halves of the residuals stay on their ranks."""
+    expected = _generate(_load(saved))
+    distrifx.export_pipeline(_load(saved), tmp_path, 4, height=32, width=32, mode="sync", cfg_parallel=True)
+    assert (tmp_path / "controlnet" / "manifest.json").is_file()
+    for out, stats in _loaded(saved, tmp_path, 4, _generate):
+        assert _rel_err(out, expected) < 1e-4
+        assert stats.bytes_sent > 0  # its halos; no gathers (tested above)
+
+
+def test_an_exported_stale_controlnet_pipeline_equals_the_eager_runtime(saved, tmp_path):
+    call = lambda p, **kw: _generate(p, num_inference_steps=8, **kw)  # noqa: E731
+    options = dict(mode="stale", warmup_steps=2, cfg_parallel=False)
+    eager = _parallel(saved, 2, call, **options)[0][0]
+    distrifx.export_pipeline(_load(saved), tmp_path, 2, height=32, width=32, **options)
+    for out, _ in _loaded(saved, tmp_path, 2, call):
+        assert _rel_err(out, eager) < 1e-5
+
+
+@pytest.fixture(scope="module")
+def exported(saved, tmp_path_factory):
+    """A sync export of the ControlNet pipeline at two ranks."""
+    out = tmp_path_factory.mktemp("exported")
+    distrifx.export_pipeline(_load(saved), out, 2, height=32, width=32, mode="sync", cfg_parallel=False)
+    return out
+
+
+def test_a_loaded_controlnet_refuses_guess_mode(saved, exported):
+    with pytest.raises(ConfigError, match="a guess-mode call needs the residuals whole"):
+        _loaded(saved, exported, 2, lambda p, **kw: _generate(p, guess_mode=True, **kw))
+
+
+def test_a_pipeline_and_an_export_must_agree_on_the_controlnet(saved, exported, tmp_path):
+    import shutil
+
+    from distrifx.errors import ArtifactError
+
+    out = tmp_path / "export"
+    shutil.copytree(exported, out)
+    distrifx.export_pipeline(tiny_pipeline("sd15"), out, 2, height=32, width=32, mode="sync")
+    assert not (out / "controlnet").exists()  # the previous export's ControlNet is gone with it
+    with pytest.raises(ArtifactError, match="has controlnet, and .* holds none"):
+        _loaded(saved, out, 2, _generate)
+
+
+def test_export_pipeline_refuses_a_multi_controlnet(saved, tmp_path):
+    from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+    pipe = _load(saved)
+    pipe.controlnet = MultiControlNetModel([pipe.controlnet, pipe.controlnet])
+    with pytest.raises(ConfigError, match="MultiControlNetModel holds several ControlNets"):
+        distrifx.export_pipeline(pipe, tmp_path, 2, height=32, width=32)
+    assert not any(tmp_path.iterdir())  # refused before writing anything

@@ -37,12 +37,21 @@ class CfgSplit:
         """This half of every input whose leading dim is the batch."""
         return batch_half(flat, batch, self.half)
 
-    def full_outputs(self, flat: list[Any], batch: int) -> list[Any]:
-        """Both halves of every output whose leading dim is the half batch, on every rank."""
-        return [
-            self.pair.all_gather(x, 0).wait() if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch // 2 else x
-            for x in flat
-        ]
+    def full_outputs(self, flat: list[Any], batch: int, gather: bool = True) -> list[Any]:
+        """Both halves of every output whose leading dim is the half batch, on every rank.
+
+        With ``gather`` False (``gather_outputs=False``) a floating-point output holds only this rank's
+        half, the other NaN, and nothing is sent: for a consumer split alike, which reads only its half.
+        """
+        return [self._full(x, batch, gather) for x in flat]
+
+    def _full(self, x: Any, batch: int, gather: bool) -> Any:
+        if not (isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch // 2):
+            return x
+        if gather or not x.is_floating_point():
+            return self.pair.all_gather(x, 0).wait()
+        halves = [x, torch.full_like(x, float("nan"))]
+        return torch.cat(halves if self.half == 0 else halves[::-1])
 
 
 def batch_half(flat: list[Any], batch: int, half: int) -> list[Any]:
@@ -79,6 +88,7 @@ class LocalCall:
     cfg: CfgSplit | None  # None: the whole batch is patch-parallel over every rank
     flat: list[Any]  # this rank's flat inputs (its batch half under a CFG split)
     batch: int | None  # the batch of the whole call
+    gather_outputs: bool = True  # False: under a CFG split, outputs hold this rank's batch half only
 
     def run(self, generation: Generation, program: RankProgram, phase: str) -> tuple[list[Any], CommStats]:
         """Run ``phase`` of this rank's program; return the full flat outputs and what was exchanged."""
@@ -87,7 +97,7 @@ class LocalCall:
             comm.stats.reset()
         outputs = generation.run(program, phase, self.comm, self.flat)
         if self.cfg is not None:
-            outputs = self.cfg.full_outputs(outputs, self.batch)
+            outputs = self.cfg.full_outputs(outputs, self.batch, self.gather_outputs)
         return outputs, CommStats(
             bytes_sent=sum(c.stats.bytes_sent for c in comms),
             collectives=sum(c.stats.collectives for c in comms),
@@ -96,10 +106,11 @@ class LocalCall:
 
 
 def local_call(comm: Communicator, cfg_parallel: bool | str, flat: list[Any],
-               split: Callable[[], CfgSplit]) -> LocalCall:
+               split: Callable[[], CfgSplit], gather_outputs: bool = True) -> LocalCall:
     """This rank's share of a call: its batch half if the call runs CFG-parallel, else everything.
 
-    ``split`` gives the :class:`CfgSplit` of ``comm`` (created once, collectively, by the caller).
+    ``split`` gives the :class:`CfgSplit` of ``comm`` (created once, collectively, by the caller);
+    ``gather_outputs`` is :class:`~distrifx.ParallelConfig`'s.
 
     Example:
         >>> call = local_call(comm, "auto", flat, lambda: cfg)                 # doctest: +SKIP
@@ -107,6 +118,6 @@ def local_call(comm: Communicator, cfg_parallel: bool | str, flat: list[Any],
     """
     batch = batch_size(flat)
     if not wants_split(cfg_parallel, comm.world_size, batch):
-        return LocalCall(comm, None, flat, batch)
+        return LocalCall(comm, None, flat, batch, gather_outputs)
     cfg = split()
-    return LocalCall(cfg.patch, cfg, cfg.local_inputs(flat, batch), batch)
+    return LocalCall(cfg.patch, cfg, cfg.local_inputs(flat, batch), batch, gather_outputs)

@@ -8,9 +8,10 @@ from typing import Any
 from torch import nn
 from torch.utils._pytree import tree_map
 
-from distrifx.runtime.module import ParallelModule, number_as_tensor
+from distrifx.errors import ConfigError
+from distrifx.runtime.module import SteppedModule, number_as_tensor
 
-__all__ = ["ParallelControlNet"]
+__all__ = ["ParallelControlNet", "controlnet_call"]
 
 
 class ParallelControlNet(nn.Module):
@@ -19,30 +20,36 @@ class ParallelControlNet(nn.Module):
     A UNet rank reads only its own rows of the residuals it adds, so by default each rank keeps
     only those (``gather_outputs=False``: the other rows are NaN) and nothing is gathered. In guess
     mode a pipeline with guidance runs the ControlNet on the conditional half of the UNet's batch
-    only, so the two may split the batch differently: those calls gather the residuals whole.
+    only, so the two may split the batch differently: those calls go to ``whole``, which gathers the
+    residuals. A pipeline loaded by :func:`distrifx.load_pipeline` has no ``whole`` (its export keeps
+    own rows only) and refuses guess mode.
 
     ``isinstance`` takes it for the wrapped model's class, since diffusers' ControlNet pipelines
     branch on it (``isinstance(self.controlnet, ControlNetModel)``); ``type()`` tells them apart.
-    Attributes it does not hold are the wrapped model's (``config``, ``dtype``, ``nets``, ...). A
+    Attributes it does not hold are the wrapped model's (``config``, ``dtype``, ``nets``, ...), or
+    what a loaded export recorded of it (``config``, ``dtype``, ``device``). A
     numeric ``conditioning_scale`` is passed on as a tensor, so a scale that changes during a
     generation neither captures the model again nor starts a new generation.
     """
 
-    def __init__(self, own_rows: ParallelModule, whole: ParallelModule) -> None:
+    def __init__(self, own_rows: SteppedModule, whole: SteppedModule | None = None) -> None:
         super().__init__()
         self.own_rows = own_rows
-        self.whole = whole
-        self._signature = inspect.signature(own_rows.module.forward)
+        self.whole = whole  # None: guess-mode calls are refused (a loaded export keeps own rows only)
+
+    def _own_rows(self) -> SteppedModule | None:
+        """``own_rows``, looked up without ``__getattr__`` (None while this module is initialised)."""
+        return self.__dict__.get("_modules", {}).get("own_rows")
 
     def _wrapped(self) -> nn.Module | None:
-        """The ControlNet itself (None while this module is not yet initialised)."""
-        own_rows = self.__dict__.get("_modules", {}).get("own_rows")
-        return None if own_rows is None else own_rows.module
+        """What answers for the ControlNet: the model itself, or a loaded export."""
+        own_rows = self._own_rows()
+        return None if own_rows is None else getattr(own_rows, "module", own_rows)
 
     @property  # type: ignore[misc]
     def __class__(self) -> type:
-        wrapped = self._wrapped()
-        return type(self) if wrapped is None else type(wrapped)
+        own_rows = self._own_rows()
+        return type(self) if own_rows is None else own_rows.model_class
 
     def _get_name(self) -> str:
         return type(self).__name__
@@ -58,15 +65,33 @@ class ParallelControlNet(nn.Module):
     def reset(self) -> None:
         """Start a new generation (see :meth:`ParallelModule.reset`)."""
         self.own_rows.reset()
-        self.whole.reset()
+        if self.whole is not None:
+            self.whole.reset()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            bound = self._signature.bind_partial(*args, **kwargs)
-        except TypeError:  # the model's own error, from its own call
+        args, kwargs, guess_mode = controlnet_call(self.own_rows.call_signature, args, kwargs)
+        if not guess_mode:
             return self.own_rows(*args, **kwargs)
-        if "conditioning_scale" in bound.arguments:  # a scale changing within a generation (control_guidance_end)
-            bound.arguments["conditioning_scale"] = tree_map(number_as_tensor, bound.arguments["conditioning_scale"])
-        module = self.whole if bound.arguments.get("guess_mode", False) else self.own_rows
-        return module(*bound.args, **bound.kwargs)
+        if self.whole is None:
+            raise ConfigError(
+                "ParallelControlNet: a guess-mode call needs the residuals whole on every rank, and this one (a loaded "
+                "export) keeps each rank's rows only. Generate without guess_mode, or split the pipeline with "
+                "distrifx.parallelize_pipeline, which gathers guess-mode residuals.")
+        return self.whole(*args, **kwargs)
 
+
+def controlnet_call(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+    """A ControlNet call with a numeric ``conditioning_scale`` as a tensor, and whether it is in guess mode.
+
+    A call that does not bind to ``signature`` (or with none known) is returned as it is: the model
+    gives its own error.
+    """
+    try:
+        bound = signature.bind_partial(*args, **kwargs) if signature is not None else None
+    except TypeError:
+        bound = None
+    if bound is None:
+        return args, kwargs, False
+    if "conditioning_scale" in bound.arguments:  # a scale changing within a generation (control_guidance_end)
+        bound.arguments["conditioning_scale"] = tree_map(number_as_tensor, bound.arguments["conditioning_scale"])
+    return bound.args, bound.kwargs, bool(bound.arguments.get("guess_mode", False))

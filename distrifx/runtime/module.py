@@ -95,6 +95,16 @@ class ParallelModule(SteppedModule):
         self._signature = inspect.signature(model.forward)
         self._timestep_param = "timestep" if "timestep" in self._signature.parameters else None
 
+    @property
+    def model_class(self) -> type:
+        """The class of the model this module runs."""
+        return type(self._modules["module"])
+
+    @property
+    def call_signature(self) -> inspect.Signature:
+        """How calls bind: the model's ``forward``."""
+        return self._signature
+
     def _missing(self, name: str) -> Any:
         if name in PIPELINE_ATTRIBUTES:
             return getattr(self._modules["module"], name)
@@ -107,7 +117,8 @@ class ParallelModule(SteppedModule):
         return self._cfg
 
     def _localize(self, flat: list[Any]) -> LocalCall:
-        return local_call(self.comm, self.parallel_config.cfg_parallel, flat, self._cfg_split)
+        config = self.parallel_config
+        return local_call(self.comm, config.cfg_parallel, flat, self._cfg_split, config.gather_outputs)
 
     def _program(self, call: LocalCall, spec: TreeSpec) -> tuple[Hashable, RankProgram]:
         args, kwargs = tree_unflatten(call.flat, spec)
