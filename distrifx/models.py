@@ -190,7 +190,8 @@ _CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "S
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
     """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights (the
-    tiny VAE's latent is half the image's size); ``sd15-controlnet`` and ``sdxl-controlnet`` add a ControlNet.
+    tiny VAE's latent is half the image's size); ``sd15-controlnet`` and ``sdxl-controlnet`` add a ControlNet;
+    ``sd15-inpaint`` is SD 1.5's inpainting pipeline (its UNet takes latent, mask and masked image: 9 channels).
 
     ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 always uses its flow-matching scheduler).
     """
@@ -212,6 +213,10 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             unet=random_unet("sd15", seed), scheduler=sched, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,
         )
+    if kind == "sd15-inpaint":
+        base = tiny_pipeline("sd15", seed, scheduler)
+        return diffusers.StableDiffusionInpaintPipeline(**{**base.components,
+                                                          "unet": random_unet("sd15", seed, in_channels=9)})
     if (base_kind := kind.removesuffix("-controlnet")) != kind and base_kind in _CONTROLNET_PIPELINES:
         base = tiny_pipeline(base_kind, seed, scheduler)  # its parts, and a ControlNet of its UNet
         return getattr(diffusers, _CONTROLNET_PIPELINES[base_kind])(**base.components,
@@ -229,8 +234,8 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             tokenizer=_tiny_tokenizer(), text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True),
             tokenizer_2=_tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None,
         )
-    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'sd15-controlnet' or "
-                     "'sdxl-controlnet'")
+    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'sd15-inpaint', "
+                     "'sd15-controlnet' or 'sdxl-controlnet'")
 
 
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {

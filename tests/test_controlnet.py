@@ -318,3 +318,24 @@ def test_export_pipeline_refuses_a_multi_controlnet(saved, tmp_path):
     with pytest.raises(ConfigError, match="MultiControlNetModel holds several ControlNets"):
         distrifx.export_pipeline(pipe, tmp_path, 2, height=32, width=32)
     assert not any(tmp_path.iterdir())  # refused before writing anything
+
+
+@pytest.mark.parametrize("sibling", ["StableDiffusionControlNetImg2ImgPipeline",
+                                     "StableDiffusionControlNetInpaintPipeline"])
+def test_the_img2img_and_inpainting_controlnet_pipelines_equal_single_device(sibling, tmp_path):
+    """The same ControlNet and UNet, called by the image-to-image and inpainting pipelines."""
+    import diffusers
+
+    getattr(diffusers, sibling)(**tiny_pipeline("sd15-controlnet").components).save_pretrained(tmp_path)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 4:20] = 1
+    extra = dict(image=image, control_image=image.flip(2), strength=0.8)
+    if "Inpaint" in sibling:
+        extra["mask_image"] = mask
+    call = lambda p: _generate(p, num_inference_steps=6, **extra)  # noqa: E731
+    pipe = _load(tmp_path)
+    assert type(pipe).__name__ == sibling
+    expected = call(pipe)
+    for out, _, _ in _parallel(tmp_path, 2, call, mode="sync", cfg_parallel=False):
+        assert _rel_err(out, expected) < 1e-4

@@ -38,10 +38,11 @@ def test_a_tiny_pipeline_leaves_no_files_behind_and_keeps_its_tokenizer(kind, tm
     assert pipe.tokenizer("a cat").input_ids == type(pipe.tokenizer).from_pretrained(tmp_path / "tokenizer")("a cat").input_ids
 
 
-def _load(path, img2img=False):
+def _load(path, task="Text2Image"):
+    """The pipeline at ``path`` for ``task`` ("Text2Image", "Image2Image" or "Inpainting")."""
     import diffusers
 
-    auto = diffusers.AutoPipelineForImage2Image if img2img else diffusers.AutoPipelineForText2Image
+    auto = getattr(diffusers, f"AutoPipelineFor{task}")
     # components saved as None (SD3 without T5) must be passed as None again
     missing = {name: None for name in ("text_encoder_3", "tokenizer_3", "feature_extractor", "image_encoder")
                if "sd3" in path.name}
@@ -56,8 +57,8 @@ def _generate(pipe, seed=0, **kwargs):
     return pipe(**{**args, **kwargs}).images
 
 
-def _parallel(path, world_size, call, img2img=False, **options):
-    pipes = [_load(path, img2img) for _ in range(world_size)]  # built before the threads: global RNG
+def _parallel(path, world_size, call, task="Text2Image", **options):
+    pipes = [_load(path, task) for _ in range(world_size)]  # built before the threads: global RNG
 
     def rank(group):
         pipe = distrifx.parallelize_pipeline(pipes[group.rank], world_size, process_group=group, **options)
@@ -106,8 +107,24 @@ def test_img2img(saved):
     path = saved[("sd15", "ddim")]
     image = torch.rand(1, 3, 32, 32)
     call = lambda p: _generate(p, image=image, strength=0.8, num_inference_steps=6)  # noqa: E731
-    expected = call(_load(path, img2img=True))
-    for out in _parallel(path, 2, call, img2img=True, mode="sync"):
+    expected = call(_load(path, "Image2Image"))
+    for out in _parallel(path, 2, call, "Image2Image", mode="sync"):
+        assert _rel_err(out, expected) < 1e-4
+
+
+@pytest.mark.parametrize("world_size,cfg", [(2, False), (4, True)])
+def test_inpainting_equals_single_device(tmp_path_factory, world_size, cfg):
+    """SD 1.5 inpainting: the UNet's input is latent, mask and masked image's latent (9 channels)."""
+    path = tmp_path_factory.mktemp("pipes") / "sd15-inpaint"
+    tiny_pipeline("sd15-inpaint").save_pretrained(path)
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 8:24, 4:20] = 1
+    call = lambda p: _generate(p, image=image, mask_image=mask, strength=0.9, num_inference_steps=6)  # noqa: E731
+    pipe = _load(path, "Inpainting")
+    assert type(pipe).__name__ == "StableDiffusionInpaintPipeline" and pipe.unet.config.in_channels == 9
+    expected = call(pipe)
+    for out in _parallel(path, world_size, call, "Inpainting", mode="sync", cfg_parallel=cfg):
         assert _rel_err(out, expected) < 1e-4
 
 
