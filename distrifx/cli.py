@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
 import time
@@ -130,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale")
     gen.add_argument("--seed", type=int, default=0, help="random seed (rank 0's initial latents are shared)")
     gen.add_argument("--out", type=Path, default=Path("distrifx.png"), help="output PNG (default distrifx.png)")
+    gen.add_argument("--control-image", type=Path, default=None,
+                     help="a ControlNet pipeline's conditioning image (an edge map, a pose, ...; the pipeline "
+                          "resizes it to height x width); needed by ControlNet pipelines, refused by others")
     gen.add_argument("--engines", type=Path, default=None,
                      help="a distrifx compile output: every rank runs its denoiser from these files (distrifx.load_pipeline); "
                           "height, width, guidance and the parallel options are the export's")
@@ -294,7 +298,27 @@ def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     for key in ("height", "width", "guidance_scale", "negative_prompt"):
         if options[key] is not None:
             kwargs[key] = options[key]
+    if options.get("control_image") is not None:
+        from PIL import Image
+
+        kwargs["image"] = Image.open(options["control_image"]).convert("RGB")
     return {**kwargs, **options.get("pipeline_kwargs", {})}
+
+
+def _check_control_image(model: Path | None, control_image: Path | None) -> None:
+    """Stop, before any rank starts, where ``--control-image`` and the pipeline's ControlNet disagree."""
+    index = model / "model_index.json" if model is not None else None
+    entry = json.loads(index.read_text()).get("controlnet") if index is not None and index.is_file() else None
+    controlnet = bool(entry and entry[-1])  # ["diffusers", "ControlNetModel"]; [null, null] when saved without
+    if controlnet and control_image is None:
+        raise SystemExit(f"distrifx: {model} is a ControlNet pipeline: pass its conditioning image with "
+                         "--control-image PATH")
+    if not controlnet and control_image is not None:
+        raise SystemExit(f"distrifx: --control-image {control_image} is for ControlNet pipelines, and "
+                         f"{model or 'the embedded default model'} has no controlnet: drop it, or pass a ControlNet "
+                         "pipeline's directory with --model")
+    if control_image is not None and not control_image.is_file():
+        raise SystemExit(f"distrifx: --control-image {control_image} is not a file (an image file is needed)")
 
 
 def _engine_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -365,6 +389,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import distrifx
 
     options = vars(args)
+    _check_control_image(args.model, args.control_image)
     if options["fresh"] is not None:  # as an export's manifest lists them
         options["fresh"] = list(fresh_kinds(options["fresh"]))
     if args.engines is not None:

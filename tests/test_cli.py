@@ -69,6 +69,46 @@ def test_generate_loads_a_local_diffusers_directory(tmp_path):
 
 
 @pytest.fixture(scope="module")
+def controlnet_model(tmp_path_factory):
+    """A tiny SD 1.5 ControlNet pipeline on disk and a conditioning image for it."""
+    root = tmp_path_factory.mktemp("controlnet")
+    tiny_pipeline("sd15-controlnet").save_pretrained(root / "model")
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "edges.png")
+    return root / "model", root / "edges.png"
+
+
+def test_generate_and_compile_a_controlnet_pipeline(controlnet_model, tmp_path):
+    """--control-image on spawned ranks; then compile (UNet and ControlNet) and generate with --engines."""
+    from diffusers import DiffusionPipeline
+
+    model, control = controlnet_model
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe("red circle", image=Image.open(control).convert("RGB"), height=32, width=32,
+                    num_inference_steps=3, generator=torch.Generator().manual_seed(0)).images[0]
+    common = ["--model", str(model), "--control-image", str(control), "--prompt", "red circle", "--steps", "3",
+              "--threads-per-rank", "1"]
+    main(["generate", *common, "--world-size", "2", "--mode", "sync", "--cfg-parallel", "off", "--height", "32",
+          "--width", "32", "--out", str(tmp_path / "split.png")])  # row patches; the export below splits the batch
+    main(["compile", "--model", str(model), "--world-size", "2", "--mode", "sync", "--format", "onnx", "--height",
+          "32", "--width", "32", "--out", str(tmp_path / "engines")])
+    assert (tmp_path / "engines" / "controlnet" / "manifest.json").is_file()
+    main(["generate", *common, "--engines", str(tmp_path / "engines"), "--out", str(tmp_path / "loaded.png")])
+    for name in ("split.png", "loaded.png"):
+        image = np.asarray(Image.open(tmp_path / name), dtype=np.int16)
+        assert np.abs(image - np.asarray(expected, dtype=np.int16)).max() <= 1
+
+
+def test_generate_refuses_a_control_image_the_pipeline_cannot_take(controlnet_model):
+    model, control = controlnet_model
+    with pytest.raises(SystemExit, match="is a ControlNet pipeline: pass its conditioning image with --control-image"):
+        main(["generate", "--model", str(model)])
+    with pytest.raises(SystemExit, match="the embedded default model has no controlnet"):
+        main(["generate", "--control-image", str(control)])
+
+
+@pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     """The default model's denoiser compiled for 2 ranks at 32x32 (the default guidance: a CFG split)."""
     out = tmp_path_factory.mktemp("engines")
