@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch.distributed as dist
 import torch
 from torch import nn
-from torch.utils._pytree import tree_map
 
 from distrifx.config import DEFAULT_TIMEOUT_S, Backend, GNVariant, KVExchange, Mode, ParallelConfig
 from distrifx.errors import ConfigError, ProcessGroupError
-from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator
+from distrifx.runtime.comm import Communicator, ProcessGroupCommunicator, from_rank0
 from distrifx.runtime.controlnet import ParallelControlNet
 from distrifx.runtime.module import ParallelModule
 
@@ -185,6 +185,12 @@ def _parallelize_controlnet(controlnet: nn.Module, world_size: int, options: dic
                               parallelize(controlnet, world_size, **{**own_rows, "gather_outputs": True}))
 
 
+def control_image_argument(pipe: Any) -> str:
+    """The argument ``pipe`` takes its ControlNet's conditioning image by: ``control_image`` (SD 3, and the img2img
+    and inpainting pipelines, whose ``image`` is the one to edit) or ``image``."""
+    return "control_image" if "control_image" in inspect.signature(pipe.__call__).parameters else "image"
+
+
 def start_alike(pipe: Any, modules: list[nn.Module], comm: Communicator) -> None:
     """Wrap ``pipe.prepare_latents``: each call begins a generation of ``modules`` (their ``reset``), and every
     rank takes rank 0's initial latents, whatever its generator."""
@@ -193,11 +199,6 @@ def start_alike(pipe: Any, modules: list[nn.Module], comm: Communicator) -> None
     def shared_prepare_latents(*args: Any, **kwargs: Any) -> Any:
         for module in modules:
             module.reset()
-        latents = prepare_latents(*args, **kwargs)
-        return tree_map(lambda x: _from_rank0(comm, x) if isinstance(x, torch.Tensor) else x, latents)
+        return from_rank0(comm, prepare_latents(*args, **kwargs))
 
     pipe.prepare_latents = shared_prepare_latents
-
-
-def _from_rank0(comm: Communicator, x: torch.Tensor) -> torch.Tensor:
-    return comm.all_gather(x.unsqueeze(0), 0).wait()[0]

@@ -289,7 +289,7 @@ def _load_pipeline(model: Path | None) -> Any:
     return DiffusionPipeline.from_pretrained(model)
 
 
-def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
+def _pipeline_kwargs(options: dict[str, Any], pipe: Any) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "prompt": options["prompt"],
         "num_inference_steps": options["steps"],
@@ -301,7 +301,9 @@ def _pipeline_kwargs(options: dict[str, Any]) -> dict[str, Any]:
     if options.get("control_image") is not None:
         from PIL import Image
 
-        kwargs["image"] = Image.open(options["control_image"]).convert("RGB")
+        from distrifx.api import control_image_argument
+
+        kwargs[control_image_argument(pipe)] = Image.open(options["control_image"]).convert("RGB")
     return {**kwargs, **options.get("pipeline_kwargs", {})}
 
 
@@ -375,7 +377,7 @@ def generate_rank(options: dict[str, Any]) -> dict[str, Any]:
         )
     pipe.set_progress_bar_config(disable=rank != 0)
     start = time.perf_counter()
-    image = pipe(**_pipeline_kwargs(options)).images[0]
+    image = pipe(**_pipeline_kwargs(options, pipe)).images[0]
     latency = time.perf_counter() - start
     denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
     build = getattr(denoiser, "build_seconds", load_s)

@@ -60,7 +60,7 @@ from torch.utils._pytree import (
     treespec_loads,
 )
 
-from distrifx.api import _communicator, _denoiser_name, controlnet_options, start_alike
+from distrifx.api import _communicator, _denoiser_name, control_image_argument, controlnet_options, start_alike
 from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
 from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
@@ -704,7 +704,7 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
     names = [name]
     if controlnet is not None:
         names.insert(0, "controlnet")  # the order the pipeline calls them
-        run.setdefault("image", torch.zeros(1, 3, height, width))
+        run.setdefault(control_image_argument(pipe), torch.zeros(1, 3, height, width))
     calls = _first_calls(pipe, names, run)
     args, kwargs = calls[name]
     path = export(getattr(pipe, name), out, world_size, args=args, kwargs=kwargs, pipeline=call, **options)

@@ -7,6 +7,7 @@ flavour, embeddings) at a few channels.
 
 from __future__ import annotations
 
+import copy
 import json
 import string
 import tempfile
@@ -20,6 +21,7 @@ __all__ = [
     "TRANSFORMER_CONFIGS",
     "random_unet",
     "random_controlnet",
+    "random_sd3_controlnet",
     "unet_inputs",
     "random_transformer",
     "transformer_inputs",
@@ -130,6 +132,21 @@ def random_controlnet(unet: torch.nn.Module, seed: int = 0, factor: int = 2) -> 
     return net
 
 
+def random_sd3_controlnet(transformer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """An ``SD3ControlNetModel`` of ``transformer``'s first layer (its weights copied, as
+    ``from_transformer`` does), conditioned on a VAE latent as SD 3's pipelines give it. Its zero
+    layers get random weights."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    # from_transformer writes num_layers into the config it is given: a copy, so the pipeline saves its own
+    net = SD3ControlNetModel.from_transformer(copy.deepcopy(transformer), num_layers=1,
+                                              num_extra_conditioning_channels=0).eval()
+    for layer in (*net.controlnet_blocks, net.pos_embed_input.proj):
+        layer.reset_parameters()
+    return net
+
+
 def unet_inputs(
     unet: torch.nn.Module, batch: int = 1, height: int = 16, width: int = 16, seed: int = 0, tokens: int = 7
 ) -> tuple[tuple, dict]:
@@ -185,12 +202,18 @@ def _tiny_vae(seed: int, **overrides: Any) -> Any:
     ), **overrides}).eval()
 
 
-_CONTROLNET_PIPELINES = {"sd15": "StableDiffusionControlNetPipeline", "sdxl": "StableDiffusionXLControlNetPipeline"}
+# Per base layout: its ControlNet pipeline and how to build a ControlNet of its denoiser.
+_CONTROLNET_PIPELINES = {
+    "sd15": ("StableDiffusionControlNetPipeline", random_controlnet),
+    "sdxl": ("StableDiffusionXLControlNetPipeline", random_controlnet),
+    "sd3": ("StableDiffusion3ControlNetPipeline", random_sd3_controlnet),
+}
 
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
     """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights (the
-    tiny VAE's latent is half the image's size); ``sd15-controlnet`` and ``sdxl-controlnet`` add a ControlNet;
+    tiny VAE's latent is half the image's size); ``sd15-controlnet``, ``sdxl-controlnet`` and ``sd3-controlnet``
+    add a ControlNet;
     ``sd15-inpaint`` is SD 1.5's inpainting pipeline (its UNet takes latent, mask and masked image: 9 channels).
 
     ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 always uses its flow-matching scheduler).
@@ -218,9 +241,10 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
         return diffusers.StableDiffusionInpaintPipeline(**{**base.components,
                                                           "unet": random_unet("sd15", seed, in_channels=9)})
     if (base_kind := kind.removesuffix("-controlnet")) != kind and base_kind in _CONTROLNET_PIPELINES:
-        base = tiny_pipeline(base_kind, seed, scheduler)  # its parts, and a ControlNet of its UNet
-        return getattr(diffusers, _CONTROLNET_PIPELINES[base_kind])(**base.components,
-                                                                    controlnet=random_controlnet(base.unet, seed))
+        base = tiny_pipeline(base_kind, seed, scheduler)  # its parts, and a ControlNet of its denoiser
+        pipeline, controlnet = _CONTROLNET_PIPELINES[base_kind]
+        denoiser = base.transformer if base_kind == "sd3" else base.unet
+        return getattr(diffusers, pipeline)(**base.components, controlnet=controlnet(denoiser, seed))
     if kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
             vae=_tiny_vae(seed), text_encoder=_tiny_text_encoder(16, seed), tokenizer=_tiny_tokenizer(),
@@ -235,7 +259,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             tokenizer_2=_tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None,
         )
     raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'sd15-inpaint', "
-                     "'sd15-controlnet' or 'sdxl-controlnet'")
+                     "'sd15-controlnet', 'sdxl-controlnet' or 'sd3-controlnet'")
 
 
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {

@@ -160,7 +160,7 @@ def test_generate_passes_the_pipeline_arguments_the_export_recorded(engines, tmp
     (sd3 / "manifest.json").write_text(json.dumps(manifest))
     args = build_parser().parse_args(["generate", "--engines", str(sd3)])
     options = _engine_options(vars(args))
-    assert _pipeline_kwargs(options)["max_sequence_length"] == 8
+    assert _pipeline_kwargs(options, pipe=None)["max_sequence_length"] == 8
 
 
 def test_export_pipeline_refuses_pipeline_arguments_it_sets_itself(tmp_path):

@@ -339,3 +339,81 @@ def test_the_img2img_and_inpainting_controlnet_pipelines_equal_single_device(sib
     expected = call(pipe)
     for out, _, _ in _parallel(tmp_path, 2, call, mode="sync", cfg_parallel=False):
         assert _rel_err(out, expected) < 1e-4
+
+
+def test_ranks_given_different_conditioning_all_use_rank_0s(pair):
+    """As rank 0's initial latents are: SD 3's pipelines sample the conditioning from the VAE, unseeded."""
+    _, controlnet, args, kwargs = pair
+    with torch.no_grad():
+        expected = _residuals(controlnet, args, kwargs)
+
+    def rank(group):
+        pcontrolnet = _parallel_controlnet(controlnet, group)
+        cond = kwargs["controlnet_cond"] + group.rank  # every rank its own
+        return [_residuals(pcontrolnet, args, {**kwargs, "controlnet_cond": cond}) for _ in range(2)]
+
+    for r, steps in enumerate(distrifx.simulate(rank, 2)):
+        for residuals in steps:  # the second step reuses the first's shared conditioning
+            for got, want in zip(residuals, expected):
+                mine = slice(r * want.shape[2] // 2, (r + 1) * want.shape[2] // 2)
+                torch.testing.assert_close(got[:, :, mine], want[:, :, mine], rtol=1e-4, atol=1e-5)
+
+
+# -- SD 3: a transformer ControlNet, its block samples added to the image tokens ---------------
+
+@pytest.fixture(scope="module")
+def sd3_saved(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipes") / "sd3-controlnet"
+    tiny_pipeline("sd3-controlnet").save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def vae_mode(monkeypatch):
+    """The VAE's latent distribution gives its mode: SD 3's pipeline samples the conditioning unseeded, so the
+    single-device reference and the ranks would otherwise draw apart."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+
+
+def _sd3_load(path):
+    import diffusers
+
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _sd3_generate(pipe, **kwargs):
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return pipe(prompt=PROMPT, control_image=image, height=32, width=32, num_inference_steps=4, output_type="latent",
+                max_sequence_length=8, generator=torch.Generator().manual_seed(0), **kwargs).images
+
+
+@pytest.mark.parametrize("world_size,cfg", [(2, False), (4, True)])
+def test_sd3_controlnet_pipeline_equals_single_device(sd3_saved, vae_mode, world_size, cfg):
+    from diffusers import SD3ControlNetModel
+
+    expected = _sd3_generate(_sd3_load(sd3_saved))
+    pipes = [_sd3_load(sd3_saved) for _ in range(world_size)]
+
+    def rank(group):
+        pipe = distrifx.parallelize_pipeline(pipes[group.rank], world_size, process_group=group, mode="sync",
+                                             cfg_parallel=cfg)
+        assert isinstance(pipe.controlnet, SD3ControlNetModel)
+        return _sd3_generate(pipe), pipe.controlnet.own_rows.last_stats
+
+    for out, stats in distrifx.simulate(rank, world_size):
+        assert _rel_err(out, expected) < 1e-4
+        assert stats.bytes_sent > 0  # its joint attention's K/V; its block samples are not gathered
+
+
+def test_an_exported_sd3_controlnet_pipeline_equals_single_device(sd3_saved, vae_mode, tmp_path):
+    expected = _sd3_generate(_sd3_load(sd3_saved))
+    distrifx.export_pipeline(_sd3_load(sd3_saved), tmp_path, 2, height=32, width=32, mode="sync", cfg_parallel=False,
+                             pipeline_kwargs={"max_sequence_length": 8})
+    pipes = [_sd3_load(sd3_saved) for _ in range(2)]
+    outs = distrifx.simulate(lambda g: _sd3_generate(distrifx.load_pipeline(pipes[g.rank], tmp_path, process_group=g)), 2)
+    for out in outs:
+        assert _rel_err(out, expected) < 1e-4

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 
 from distrifx.errors import CollectiveTimeoutError, DistrifxError
 
@@ -30,6 +31,7 @@ __all__ = [
     "SimulatedGroup",
     "TimingCommunicator",
     "check_same_inputs",
+    "from_rank0",
 ]
 
 
@@ -359,3 +361,9 @@ def check_same_inputs(comm: Communicator, flat: Sequence[Any], names: Callable[[
             "same generation: seed every rank's generator identically (distrifx.parallelize_pipeline shares "
             "rank 0's initial latents)."
         )
+
+
+def from_rank0(comm: Communicator, tree: Any) -> Any:
+    """``tree`` with every tensor replaced by rank 0's (one all-gather each; collective)."""
+    return tree_map(lambda x: comm.all_gather(x.unsqueeze(0), 0).wait()[0] if isinstance(x, torch.Tensor) else x,
+                    tree)

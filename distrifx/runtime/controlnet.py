@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from distrifx.errors import ConfigError
+from distrifx.runtime.comm import from_rank0
 from distrifx.runtime.module import SteppedModule, number_as_tensor
 
 __all__ = ["ParallelControlNet", "controlnet_call"]
@@ -36,6 +38,7 @@ class ParallelControlNet(nn.Module):
         super().__init__()
         self.own_rows = own_rows
         self.whole = whole  # None: guess-mode calls are refused (a loaded export keeps own rows only)
+        self._cond: tuple[Any, Any] | None = None  # (the pipeline's conditioning, rank 0's)
 
     def _own_rows(self) -> SteppedModule | None:
         """``own_rows``, looked up without ``__getattr__`` (None while this module is initialised)."""
@@ -67,9 +70,18 @@ class ParallelControlNet(nn.Module):
         self.own_rows.reset()
         if self.whole is not None:
             self.whole.reset()
+        self._cond = None
+
+    def _rank0_cond(self, cond: Any) -> Any:
+        """Rank 0's conditioning, as rank 0's initial latents are shared. SD 3's pipelines sample it from the
+        VAE with the global random generator, which ranks need not share; the pipeline passes the same object
+        every step, so it is shared once a generation."""
+        if self._cond is None or self._cond[0] is not cond:
+            self._cond = (cond, from_rank0(self.own_rows.comm, cond))
+        return self._cond[1]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        args, kwargs, guess_mode = controlnet_call(self.own_rows.call_signature, args, kwargs)
+        args, kwargs, guess_mode = controlnet_call(self.own_rows.call_signature, args, kwargs, self._rank0_cond)
         if not guess_mode:
             return self.own_rows(*args, **kwargs)
         if self.whole is None:
@@ -80,8 +92,10 @@ class ParallelControlNet(nn.Module):
         return self.whole(*args, **kwargs)
 
 
-def controlnet_call(signature: inspect.Signature | None, args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
-    """A ControlNet call with a numeric ``conditioning_scale`` as a tensor, and whether it is in guess mode.
+def controlnet_call(signature: inspect.Signature | None, args: tuple, kwargs: dict,
+                    cond: Callable[[Any], Any] | None = None) -> tuple[tuple, dict, bool]:
+    """A ControlNet call with a numeric ``conditioning_scale`` as a tensor (and ``controlnet_cond`` as
+    ``cond`` makes it), and whether it is in guess mode.
 
     A call that does not bind to ``signature`` (or with none known) is returned as it is: the model
     gives its own error.
@@ -94,4 +108,6 @@ def controlnet_call(signature: inspect.Signature | None, args: tuple, kwargs: di
         return args, kwargs, False
     if "conditioning_scale" in bound.arguments:  # a scale changing within a generation (control_guidance_end)
         bound.arguments["conditioning_scale"] = tree_map(number_as_tensor, bound.arguments["conditioning_scale"])
+    if cond is not None and "controlnet_cond" in bound.arguments:
+        bound.arguments["controlnet_cond"] = cond(bound.arguments["controlnet_cond"])
     return bound.args, bound.kwargs, bool(bound.arguments.get("guess_mode", False))
