@@ -192,6 +192,14 @@ def _tiny_text_encoder(hidden: int, seed: int, projection: bool = False) -> Any:
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
 
 
+def _tiny_t5(hidden: int, seed: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=128, d_model=hidden, d_kv=hidden // 2, d_ff=2 * hidden, num_layers=1, num_heads=2)
+    return T5EncoderModel(config).eval()
+
+
 def _tiny_vae(seed: int, **overrides: Any) -> Any:
     from diffusers import AutoencoderKL
 
@@ -211,12 +219,12 @@ _CONTROLNET_PIPELINES = {
 
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
-    """A whole text-to-image pipeline of the ``sd15``, ``sdxl`` or ``sd3`` layout, tiny, random weights (the
-    tiny VAE's latent is half the image's size); ``sd15-controlnet``, ``sdxl-controlnet`` and ``sd3-controlnet``
-    add a ControlNet;
-    ``sd15-inpaint`` is SD 1.5's inpainting pipeline (its UNet takes latent, mask and masked image: 9 channels).
+    """A whole text-to-image pipeline of the ``sd15``, ``sdxl``, ``sd3`` or ``flux`` layout, tiny, random
+    weights (the tiny VAE's latent is half the image's size); ``sd15-controlnet``, ``sdxl-controlnet``
+    and ``sd3-controlnet`` add a ControlNet; ``sd15-inpaint`` is SD 1.5's inpainting pipeline (its UNet
+    takes latent, mask and masked image: 9 channels).
 
-    ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 always uses its flow-matching scheduler).
+    ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 and Flux always use their flow-matching scheduler).
     """
     import diffusers
 
@@ -226,7 +234,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
         "dpm": diffusers.DPMSolverMultistepScheduler,
         "heun": diffusers.HeunDiscreteScheduler,
     }
-    if kind != "sd3":
+    if kind not in ("sd3", "flux"):
         own = {"clip_sample": False} if scheduler == "ddim" else {}  # as in SD 1.5's scheduler config
         sched = schedulers[scheduler](num_train_timesteps=1000, beta_schedule="scaled_linear",
                                       beta_start=0.00085, beta_end=0.012, steps_offset=1, **own)
@@ -258,7 +266,15 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             tokenizer=_tiny_tokenizer(), text_encoder_2=_tiny_text_encoder(16, seed + 1, projection=True),
             tokenizer_2=_tiny_tokenizer(), text_encoder_3=None, tokenizer_3=None,
         )
-    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'sd15-inpaint', "
+    if kind == "flux":  # Flux's T5 is a one-layer T5EncoderModel; both tokenizers are the character-level one
+        return diffusers.FluxPipeline(
+            transformer=random_transformer("flux", seed), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+            vae=_tiny_vae(seed, shift_factor=0.0), text_encoder=_tiny_text_encoder(16, seed),
+            tokenizer=_tiny_tokenizer(), text_encoder_2=_tiny_t5(TRANSFORMER_CONFIGS["flux"]["joint_attention_dim"],
+                                                                  seed + 1),
+            tokenizer_2=_tiny_tokenizer(),
+        )
+    raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'flux', 'sd15-inpaint', "
                      "'sd15-controlnet', 'sdxl-controlnet' or 'sd3-controlnet'")
 
 

@@ -18,14 +18,14 @@ def saved(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipes")
     paths = {}
     for kind, scheduler in (("sd15", "ddim"), ("sd15", "euler"), ("sd15", "dpm"), ("sd15", "heun"), ("sdxl", "ddim"),
-                            ("sd3", "flow")):
+                            ("sd3", "flow"), ("flux", "flow")):
         path = root / f"{kind}-{scheduler}"
         tiny_pipeline(kind, scheduler=scheduler).save_pretrained(path)
         paths[(kind, scheduler)] = path
     return paths
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3"])
+@pytest.mark.parametrize("kind", ["sd15", "sdxl", "sd3", "flux"])
 def test_a_tiny_pipeline_leaves_no_files_behind_and_keeps_its_tokenizer(kind, tmp_path, monkeypatch):
     import tempfile
 
@@ -91,6 +91,29 @@ def test_sd3_dit_pipeline_equals_single_device(saved, world_size, cfg):
     call = lambda p: _generate(p, max_sequence_length=8)  # noqa: E731
     expected = call(_load(path))
     for out in _parallel(path, world_size, call, mode="sync", cfg_parallel=cfg):
+        assert _rel_err(out, expected) < 1e-4
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_flux_pipeline_equals_single_device(saved, world_size):
+    """Flux's latents are packed 2x2 patches: the pipeline's token sequence is what the ranks split."""
+    path = saved[("flux", "flow")]
+    call = lambda p: _generate(p, max_sequence_length=8)  # noqa: E731
+    pipe = _load(path)
+    assert type(pipe).__name__ == "FluxPipeline"
+    expected = call(pipe)
+    for out in _parallel(path, world_size, call, mode="sync"):
+        assert _rel_err(out, expected) < 1e-4
+
+
+def test_an_exported_flux_pipeline_equals_single_device(saved, tmp_path):
+    path = saved[("flux", "flow")]
+    call = lambda p: _generate(p, max_sequence_length=8)  # noqa: E731
+    expected = call(_load(path))
+    distrifx.export_pipeline(_load(path), tmp_path, 2, height=32, width=32, mode="sync",
+                             pipeline_kwargs={"max_sequence_length": 8})
+    pipes = [_load(path) for _ in range(2)]
+    for out in distrifx.simulate(lambda g: call(distrifx.load_pipeline(pipes[g.rank], tmp_path, process_group=g)), 2):
         assert _rel_err(out, expected) < 1e-4
 
 
