@@ -105,9 +105,10 @@ CONTROLNET_DIR = "controlnet"
 # The pipeline arguments every export_pipeline manifest records under ``pipeline``; any others there are the
 # call's ``pipeline_kwargs``.
 PIPELINE_ARGUMENTS = ("height", "width", "guidance_scale")
-# Values diffusers pipelines read from submodules of their denoiser. A loaded export has no
-# submodules, so these are recorded at export: SDXL pipelines check the added time embedding's size.
-RECORDED_ATTRIBUTES = ("add_embedding.linear_1.in_features",)
+# Values diffusers pipelines read from submodules of their denoiser or ControlNet. A loaded export has no
+# submodules, so these are recorded at export where they are plain values: SDXL pipelines check the added
+# time embedding's size, Flux ControlNet pipelines whether the ControlNet has an input_hint_block (None).
+RECORDED_ATTRIBUTES = ("add_embedding.linear_1.in_features", "input_hint_block")
 # Protobuf cannot serialize 2 GiB; bigger ONNX segments keep their weights in a file beside them.
 _ONNX_INLINE_LIMIT = 1 << 30
 _COLLECTIVES: dict[str, Callable[..., Any]] = {f.__name__: f for f in (*ops.COLLECTIVE_STARTS, ops.wait)}
@@ -376,7 +377,9 @@ def _describe_model(model: nn.Module) -> dict[str, Any]:
             described[name] = str(value).removeprefix("torch.")
     for path in RECORDED_ATTRIBUTES:
         with contextlib.suppress(AttributeError):
-            described["recorded"][path] = _literal(operator.attrgetter(path)(model), path)
+            value = operator.attrgetter(path)(model)
+            if value is None or isinstance(value, (bool, int, float, str)):  # a submodule cannot be stored
+                described["recorded"][path] = value
     return described
 
 
@@ -1075,8 +1078,9 @@ def _model_attributes(model: Mapping[str, Any]) -> dict[str, Any]:
         attributes["dtype"] = _torch_dtype(model["dtype"])
     if "device" in model:
         attributes["device"] = _rank_device(model["device"])
-    for top in sorted({path.split(".")[0] for path in model["recorded"]}):
-        attributes[top] = RecordedAttributes(top, model["recorded"])
+    for path, value in model["recorded"].items():
+        top = path.split(".")[0]
+        attributes[top] = value if top == path else RecordedAttributes(top, model["recorded"])
     return attributes
 
 

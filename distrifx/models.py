@@ -21,7 +21,7 @@ __all__ = [
     "TRANSFORMER_CONFIGS",
     "random_unet",
     "random_controlnet",
-    "random_sd3_controlnet",
+    "random_transformer_controlnet",
     "unet_inputs",
     "random_transformer",
     "transformer_inputs",
@@ -132,19 +132,27 @@ def random_controlnet(unet: torch.nn.Module, seed: int = 0, factor: int = 2) -> 
     return net
 
 
-def random_sd3_controlnet(transformer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """An ``SD3ControlNetModel`` of ``transformer``'s first layer (its weights copied, as
-    ``from_transformer`` does), conditioned on a VAE latent as SD 3's pipelines give it. Its zero
-    layers get random weights."""
-    from diffusers import SD3ControlNetModel
+def random_transformer_controlnet(transformer: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """An ``SD3ControlNetModel`` or ``FluxControlNetModel`` of ``transformer``'s first layers (its
+    weights copied, as ``from_transformer`` does), conditioned on a VAE latent as their pipelines give
+    it. Its zero layers get random weights."""
+    import diffusers
 
     torch.manual_seed(seed)
-    # from_transformer writes num_layers into the config it is given: a copy, so the pipeline saves its own
-    net = SD3ControlNetModel.from_transformer(copy.deepcopy(transformer), num_layers=1,
-                                              num_extra_conditioning_channels=0).eval()
-    for layer in (*net.controlnet_blocks, net.pos_embed_input.proj):
+    # from_transformer writes its layer counts into the config it is given: a copy, so the pipeline saves its own
+    copied = copy.deepcopy(transformer)
+    if isinstance(transformer, diffusers.SD3Transformer2DModel):
+        net = diffusers.SD3ControlNetModel.from_transformer(copied, num_layers=1, num_extra_conditioning_channels=0)
+        zero = (*net.controlnet_blocks, net.pos_embed_input.proj)
+    else:
+        config = transformer.config
+        net = diffusers.FluxControlNetModel.from_transformer(
+            copied, num_layers=1, num_single_layers=1, attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+        zero = (*net.controlnet_blocks, *net.controlnet_single_blocks, net.controlnet_x_embedder)
+    for layer in zero:
         layer.reset_parameters()
-    return net
+    return net.eval()
 
 
 def unet_inputs(
@@ -214,15 +222,16 @@ def _tiny_vae(seed: int, **overrides: Any) -> Any:
 _CONTROLNET_PIPELINES = {
     "sd15": ("StableDiffusionControlNetPipeline", random_controlnet),
     "sdxl": ("StableDiffusionXLControlNetPipeline", random_controlnet),
-    "sd3": ("StableDiffusion3ControlNetPipeline", random_sd3_controlnet),
+    "sd3": ("StableDiffusion3ControlNetPipeline", random_transformer_controlnet),
+    "flux": ("FluxControlNetPipeline", random_transformer_controlnet),
 }
 
 
 def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") -> Any:
     """A whole text-to-image pipeline of the ``sd15``, ``sdxl``, ``sd3`` or ``flux`` layout, tiny, random
-    weights (the tiny VAE's latent is half the image's size); ``sd15-controlnet``, ``sdxl-controlnet``
-    and ``sd3-controlnet`` add a ControlNet; ``sd15-inpaint`` is SD 1.5's inpainting pipeline (its UNet
-    takes latent, mask and masked image: 9 channels).
+    weights (the tiny VAE's latent is half the image's size); ``sd15-controlnet``, ``sdxl-controlnet``,
+    ``sd3-controlnet`` and ``flux-controlnet`` add a ControlNet; ``sd15-inpaint`` is SD 1.5's inpainting
+    pipeline (its UNet takes latent, mask and masked image: 9 channels).
 
     ``scheduler`` is "ddim", "euler", "dpm" or "heun" (SD3 and Flux always use their flow-matching scheduler).
     """
@@ -251,7 +260,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
     if (base_kind := kind.removesuffix("-controlnet")) != kind and base_kind in _CONTROLNET_PIPELINES:
         base = tiny_pipeline(base_kind, seed, scheduler)  # its parts, and a ControlNet of its denoiser
         pipeline, controlnet = _CONTROLNET_PIPELINES[base_kind]
-        denoiser = base.transformer if base_kind == "sd3" else base.unet
+        denoiser = base.transformer if base_kind in ("sd3", "flux") else base.unet
         return getattr(diffusers, pipeline)(**base.components, controlnet=controlnet(denoiser, seed))
     if kind == "sdxl":
         return diffusers.StableDiffusionXLPipeline(
@@ -275,7 +284,7 @@ def tiny_pipeline(kind: str = "sd15", seed: int = 0, scheduler: str = "ddim") ->
             tokenizer_2=_tiny_tokenizer(),
         )
     raise ValueError(f"unknown pipeline kind {kind!r}; choose 'sd15', 'sdxl', 'sd3', 'flux', 'sd15-inpaint', "
-                     "'sd15-controlnet', 'sdxl-controlnet' or 'sd3-controlnet'")
+                     "'sd15-controlnet', 'sdxl-controlnet', 'sd3-controlnet' or 'flux-controlnet'")
 
 
 TRANSFORMER_CONFIGS: dict[str, dict[str, Any]] = {

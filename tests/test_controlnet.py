@@ -359,12 +359,12 @@ def test_ranks_given_different_conditioning_all_use_rank_0s(pair):
                 torch.testing.assert_close(got[:, :, mine], want[:, :, mine], rtol=1e-4, atol=1e-5)
 
 
-# -- SD 3: a transformer ControlNet, its block samples added to the image tokens ---------------
+# -- SD 3 and Flux: transformer ControlNets, their block samples added to the image tokens -------
 
-@pytest.fixture(scope="module")
-def sd3_saved(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipes") / "sd3-controlnet"
-    tiny_pipeline("sd3-controlnet").save_pretrained(path)
+@pytest.fixture(scope="module", params=["sd3-controlnet", "flux-controlnet"])
+def dit_saved(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipes") / request.param
+    tiny_pipeline(request.param).save_pretrained(path)
     return path
 
 
@@ -377,43 +377,47 @@ def vae_mode(monkeypatch):
     monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
 
 
-def _sd3_load(path):
+def _dit_load(path):
     import diffusers
 
-    pipe = diffusers.DiffusionPipeline.from_pretrained(path, text_encoder_3=None, tokenizer_3=None)
+    missing = {"text_encoder_3": None, "tokenizer_3": None} if "sd3" in path.name else {}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(path, **missing)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _sd3_generate(pipe, **kwargs):
+def _dit_generate(pipe, **kwargs):
     image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     return pipe(prompt=PROMPT, control_image=image, height=32, width=32, num_inference_steps=4, output_type="latent",
                 max_sequence_length=8, generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
-@pytest.mark.parametrize("world_size,cfg", [(2, False), (4, True)])
-def test_sd3_controlnet_pipeline_equals_single_device(sd3_saved, vae_mode, world_size, cfg):
-    from diffusers import SD3ControlNetModel
+@pytest.mark.parametrize("world_size,cfg", [(2, False), (4, "auto")])
+def test_transformer_controlnet_pipelines_equal_single_device(dit_saved, vae_mode, world_size, cfg):
+    """SD 3 with guidance ("auto" at N=4: a CFG split and 2 patches), Flux without (4 patches)."""
+    import diffusers
 
-    expected = _sd3_generate(_sd3_load(sd3_saved))
-    pipes = [_sd3_load(sd3_saved) for _ in range(world_size)]
+    expected = _dit_generate(_dit_load(dit_saved))
+    pipes = [_dit_load(dit_saved) for _ in range(world_size)]
+    controlnet_class = type(pipes[0].controlnet)
+    assert controlnet_class in (diffusers.SD3ControlNetModel, diffusers.FluxControlNetModel)
 
     def rank(group):
         pipe = distrifx.parallelize_pipeline(pipes[group.rank], world_size, process_group=group, mode="sync",
                                              cfg_parallel=cfg)
-        assert isinstance(pipe.controlnet, SD3ControlNetModel)
-        return _sd3_generate(pipe), pipe.controlnet.own_rows.last_stats
+        assert isinstance(pipe.controlnet, controlnet_class)
+        return _dit_generate(pipe), pipe.controlnet.own_rows.last_stats
 
     for out, stats in distrifx.simulate(rank, world_size):
         assert _rel_err(out, expected) < 1e-4
-        assert stats.bytes_sent > 0  # its joint attention's K/V; its block samples are not gathered
+        assert stats.bytes_sent > 0  # its attention's K/V; its block samples are not gathered
 
 
-def test_an_exported_sd3_controlnet_pipeline_equals_single_device(sd3_saved, vae_mode, tmp_path):
-    expected = _sd3_generate(_sd3_load(sd3_saved))
-    distrifx.export_pipeline(_sd3_load(sd3_saved), tmp_path, 2, height=32, width=32, mode="sync", cfg_parallel=False,
-                             pipeline_kwargs={"max_sequence_length": 8})
-    pipes = [_sd3_load(sd3_saved) for _ in range(2)]
-    outs = distrifx.simulate(lambda g: _sd3_generate(distrifx.load_pipeline(pipes[g.rank], tmp_path, process_group=g)), 2)
+def test_exported_transformer_controlnet_pipelines_equal_single_device(dit_saved, vae_mode, tmp_path):
+    expected = _dit_generate(_dit_load(dit_saved))
+    distrifx.export_pipeline(_dit_load(dit_saved), tmp_path, 2, height=32, width=32, mode="sync",
+                             cfg_parallel=False, pipeline_kwargs={"max_sequence_length": 8})
+    pipes = [_dit_load(dit_saved) for _ in range(2)]
+    outs = distrifx.simulate(lambda g: _dit_generate(distrifx.load_pipeline(pipes[g.rank], tmp_path, process_group=g)), 2)
     for out in outs:
         assert _rel_err(out, expected) < 1e-4
