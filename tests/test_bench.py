@@ -438,12 +438,19 @@ def test_fidelity_captures_the_model_once_for_every_case_and_rank_of_a_seed(monk
     from distrifx.default_model import load_default_pipeline
     from distrifx.fidelity import run_fidelity
 
-    exports = []
+    exported, unets = [], []
     real_export = capture_export._export
-    monkeypatch.setattr(capture_export, "_export", lambda *a: exports.append(a) or real_export(*a))
+    monkeypatch.setattr(capture_export, "_export", lambda *a: exported.append(a[0]) or real_export(*a))
+
+    def load():
+        pipe = load_default_pipeline()
+        unets.append(pipe.unet)
+        return pipe
+
     cases = [FidelityCase(2, "stale", warmup_steps=1), FidelityCase(2, "naive")]
-    rows, _ = run_fidelity(load_default_pipeline, cases, seeds=(0,), size=32, steps=2)
-    assert len(exports) == 1
+    rows, _ = run_fidelity(load, cases, seeds=(0,), size=32, steps=2)
+    # counted among this test's models: the reference's UNet, once
+    assert [unets.index(m) for m in exported if any(m is u for u in unets)] == [0]
     assert rows[0]["psnr_db"] != rows[1]["psnr_db"]
 
 
