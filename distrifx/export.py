@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import types
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -380,6 +381,8 @@ def _describe_model(model: nn.Module) -> dict[str, Any]:
             value = operator.attrgetter(path)(model)
             if value is None or isinstance(value, (bool, int, float, str)):  # a submodule cannot be stored
                 described["recorded"][path] = value
+    if isinstance(nets := getattr(model, "nets", None), nn.ModuleList):  # MultiControlNetModel's, read by pipelines
+        described["nets"] = [_describe_model(net) for net in nets]
     return described
 
 
@@ -696,7 +699,7 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
         raise ConfigError("export_pipeline takes no gather_outputs: the pipeline's scheduler needs the denoiser's "
                           "whole output, and a ControlNet's residuals are kept on their ranks already.")
     out = Path(out_dir)
-    controlnet = _exported_controlnet(pipe)
+    controlnet = pipe.controlnet if isinstance(getattr(pipe, "controlnet", None), nn.Module) else None
     _check_target(out)
     _check_target(out / CONTROLNET_DIR)
     if guidance_scale is None:
@@ -707,7 +710,7 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
     names = [name]
     if controlnet is not None:
         names.insert(0, "controlnet")  # the order the pipeline calls them
-        run.setdefault(control_image_argument(pipe), torch.zeros(1, 3, height, width))
+        run.setdefault(control_image_argument(pipe), _blank_control_image(controlnet, height, width))
     calls = _first_calls(pipe, names, run)
     args, kwargs = calls[name]
     path = export(getattr(pipe, name), out, world_size, args=args, kwargs=kwargs, pipeline=call, **options)
@@ -719,16 +722,10 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
     return path
 
 
-def _exported_controlnet(pipe: Any) -> nn.Module | None:
-    """``pipe.controlnet`` if it has one, refused where a loaded export cannot stand in for it."""
-    controlnet = getattr(pipe, "controlnet", None)
-    if not isinstance(controlnet, nn.Module):
-        return None
-    if hasattr(controlnet, "nets"):
-        raise ConfigError(f"export_pipeline: {type(controlnet).__name__} holds several ControlNets (.nets), which "
-                          f"{type(pipe).__name__} reads one by one; a loaded export holds no modules to read. Use "
-                          "distrifx.parallelize_pipeline for this pipeline, or export a pipeline with one ControlNet.")
-    return controlnet
+def _blank_control_image(controlnet: nn.Module, height: int, width: int) -> torch.Tensor | list[torch.Tensor]:
+    """A conditioning image of the size the pipeline resizes every image to (one per net of a MultiControlNetModel)."""
+    blank = torch.zeros(1, 3, height, width)
+    return [blank] * len(controlnet.nets) if isinstance(getattr(controlnet, "nets", None), nn.ModuleList) else blank
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -1081,6 +1078,8 @@ def _model_attributes(model: Mapping[str, Any]) -> dict[str, Any]:
     for path, value in model["recorded"].items():
         top = path.split(".")[0]
         attributes[top] = value if top == path else RecordedAttributes(top, model["recorded"])
+    if "nets" in model:  # what pipelines read from each of a MultiControlNetModel's nets
+        attributes["nets"] = [types.SimpleNamespace(**_model_attributes(net)) for net in model["nets"]]
     return attributes
 
 

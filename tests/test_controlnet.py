@@ -310,14 +310,28 @@ def test_a_pipeline_and_an_export_must_agree_on_the_controlnet(saved, exported, 
         _loaded(saved, out, 2, _generate)
 
 
-def test_export_pipeline_refuses_a_multi_controlnet(saved, tmp_path):
+def test_an_exported_multi_controlnet_pipeline_equals_single_device(saved, tmp_path):
+    """Two ControlNets, one image each: the pipeline reads the loaded export's nets (their configs)."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-    pipe = _load(saved)
-    pipe.controlnet = MultiControlNetModel([pipe.controlnet, pipe.controlnet])
-    with pytest.raises(ConfigError, match="MultiControlNetModel holds several ControlNets"):
-        distrifx.export_pipeline(pipe, tmp_path, 2, height=32, width=32)
-    assert not any(tmp_path.iterdir())  # refused before writing anything
+    def multi(pipe):
+        second = random_controlnet(pipe.unet, seed=5)
+        pipe.controlnet = MultiControlNetModel([pipe.controlnet, second]).eval()
+        return pipe
+
+    image = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    call = lambda p, **kw: _generate(p, image=[image, image.flip(3)], **kw)  # noqa: E731
+    expected = call(multi(_load(saved)))
+    distrifx.export_pipeline(multi(_load(saved)), tmp_path, 2, height=32, width=32, mode="sync", cfg_parallel=False)
+    pipes = [multi(_load(saved)) for _ in range(2)]
+
+    def rank(group):
+        pipe = distrifx.load_pipeline(pipes[group.rank], tmp_path, process_group=group)
+        assert isinstance(pipe.controlnet, MultiControlNetModel) and len(pipe.controlnet.nets) == 2
+        return call(pipe)
+
+    for out in distrifx.simulate(rank, 2):
+        assert _rel_err(out, expected) < 1e-4
 
 
 @pytest.mark.parametrize("sibling", ["StableDiffusionControlNetImg2ImgPipeline",
