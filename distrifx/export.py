@@ -683,7 +683,8 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
     records them with height, width and the guidance scale. A ``pipe.controlnet`` is exported too,
     into ``out_dir/controlnet``, called on a blank conditioning image (the pipeline resizes every image
     to height x width), with its residuals kept on the ranks that add them, as
-    :func:`distrifx.parallelize_pipeline` splits it. ``options`` are those of :func:`export`. Load with
+    :func:`distrifx.parallelize_pipeline` splits it; with ``pipeline_kwargs={"guess_mode": True}``
+    gathered whole (in guess mode it sees half the denoiser's guidance batch), for guess-mode calls only. ``options`` are those of :func:`export`. Load with
     :func:`load_pipeline` on every rank.
 
     Example:
@@ -715,8 +716,10 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
     args, kwargs = calls[name]
     path = export(getattr(pipe, name), out, world_size, args=args, kwargs=kwargs, pipeline=call, **options)
     if controlnet is not None:
-        args, kwargs, _ = controlnet_call(inspect.signature(controlnet.forward), *calls["controlnet"])
-        export(controlnet, out / CONTROLNET_DIR, world_size, args=args, kwargs=kwargs, **controlnet_options(options))
+        args, kwargs, guess_mode = controlnet_call(inspect.signature(controlnet.forward), *calls["controlnet"])
+        # guess mode: the ControlNet sees half the denoiser's guidance batch, so its residuals are gathered
+        export(controlnet, out / CONTROLNET_DIR, world_size, args=args, kwargs=kwargs,
+               **{**controlnet_options(options), "gather_outputs": guess_mode})
     elif (out / CONTROLNET_DIR).exists():  # a previous export's, of a pipeline with a ControlNet
         shutil.rmtree(out / CONTROLNET_DIR)
     return path
@@ -1261,7 +1264,7 @@ def load_pipeline(pipe: Any, out_dir: str | os.PathLike, process_group: Any = No
 
     Call on every rank. ``pipe.unet`` (``pipe.transformer``) becomes the loaded denoiser and a
     ``pipe.controlnet`` a :class:`~distrifx.ParallelControlNet` of the ControlNet exported beside it,
-    whose residuals stay on their ranks (guess mode is refused: it needs them whole). As in
+    whose residuals stay on their ranks (or, exported in guess mode, are gathered whole). As in
     :func:`distrifx.parallelize_pipeline`, every rank starts from rank 0's initial latents and each
     pipeline call begins a generation. The arguments after ``out_dir`` are those of :func:`load`.
 
@@ -1281,12 +1284,13 @@ def load_pipeline(pipe: Any, out_dir: str | os.PathLike, process_group: Any = No
     denoiser = load(out, **options)
     parallel: list[nn.Module] = [denoiser]
     if has_controlnet:
-        own_rows = load(out / CONTROLNET_DIR, **options)
-        if (own_rows.cfg is None) != (denoiser.cfg is None):
+        controlnet = load(out / CONTROLNET_DIR, **options)
+        gathers = controlnet.parallel_config.gather_outputs  # exported in guess mode: whole residuals
+        if not gathers and (controlnet.cfg is None) != (denoiser.cfg is None):
             raise ArtifactError(f"{out} and {out / CONTROLNET_DIR} split the guidance batch differently (one over "
                                 "two rank groups, one not); they come from different exports. Export the pipeline "
                                 "again with distrifx.export_pipeline.")
-        pipe.controlnet = ParallelControlNet(own_rows)
+        pipe.controlnet = ParallelControlNet(controlnet, controlnet if gathers else None)
         parallel.append(pipe.controlnet)
     setattr(pipe, name, denoiser)
     start_alike(pipe, parallel, denoiser.comm)

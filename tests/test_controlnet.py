@@ -292,6 +292,17 @@ def exported(saved, tmp_path_factory):
     return out
 
 
+def test_a_pipeline_exported_in_guess_mode_equals_single_device(saved, tmp_path):
+    """Guidance on: the ControlNet sees the conditional half only, the UNet the whole batch (CFG-split)."""
+    call = lambda p, **kw: _generate(p, guess_mode=True, **kw)  # noqa: E731
+    expected = call(_load(saved))
+    distrifx.export_pipeline(_load(saved), tmp_path, 2, height=32, width=32, mode="sync",
+                             pipeline_kwargs={"guess_mode": True})
+    for out, stats in _loaded(saved, tmp_path, 2, call):
+        assert _rel_err(out, expected) < 1e-4
+        assert stats.bytes_sent > 0  # its gathers
+
+
 def test_a_loaded_controlnet_refuses_guess_mode(saved, exported):
     with pytest.raises(ConfigError, match="a guess-mode call needs the residuals whole"):
         _loaded(saved, exported, 2, lambda p, **kw: _generate(p, guess_mode=True, **kw))

@@ -23,8 +23,9 @@ class ParallelControlNet(nn.Module):
     only those (``gather_outputs=False``: the other rows are NaN) and nothing is gathered. In guess
     mode a pipeline with guidance runs the ControlNet on the conditional half of the UNet's batch
     only, so the two may split the batch differently: those calls go to ``whole``, which gathers the
-    residuals. A pipeline loaded by :func:`distrifx.load_pipeline` has no ``whole`` (its export keeps
-    own rows only) and refuses guess mode.
+    residuals. A pipeline loaded by :func:`distrifx.load_pipeline` has one module: exported for calls
+    out of guess mode it keeps own rows and refuses guess mode (``whole`` None); exported in guess mode
+    it gathers and is both.
 
     ``isinstance`` takes it for the wrapped model's class, since diffusers' ControlNet pipelines
     branch on it (``isinstance(self.controlnet, ControlNetModel)``); ``type()`` tells them apart.
@@ -37,7 +38,7 @@ class ParallelControlNet(nn.Module):
     def __init__(self, own_rows: SteppedModule, whole: SteppedModule | None = None) -> None:
         super().__init__()
         self.own_rows = own_rows
-        self.whole = whole  # None: guess-mode calls are refused (a loaded export keeps own rows only)
+        self.whole = whole  # None: guess-mode calls are refused (a loaded export that keeps own rows)
         self._cond: tuple[Any, Any] | None = None  # (the pipeline's conditioning, rank 0's)
 
     def _own_rows(self) -> SteppedModule | None:
@@ -87,7 +88,8 @@ class ParallelControlNet(nn.Module):
         if self.whole is None:
             raise ConfigError(
                 "ParallelControlNet: a guess-mode call needs the residuals whole on every rank, and this one (a loaded "
-                "export) keeps each rank's rows only. Generate without guess_mode, or split the pipeline with "
+                "export) keeps each rank's rows only. Generate without guess_mode, export the pipeline for guess mode "
+                "(distrifx.export_pipeline(..., pipeline_kwargs={'guess_mode': True})), or split it with "
                 "distrifx.parallelize_pipeline, which gathers guess-mode residuals.")
         return self.whole(*args, **kwargs)
 
