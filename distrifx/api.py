@@ -158,14 +158,19 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
         parallel.append(pipe.controlnet)
     start_alike(pipe, parallel, pmodel.comm)
     if parallel_vae:
-        from distrifx.vae import parallelize_vae_decoder
-
-        decode = parallelize_vae_decoder(pipe.vae, world_size, process_group=options.get("process_group"),
-                                         timeout_s=options.get("timeout_s", DEFAULT_TIMEOUT_S))
-        # An instance attribute shadows the method; nn.Module.__setattr__ would register a submodule
-        # (a cycle: the decoder holds the VAE) that the method lookup would then shadow.
-        object.__setattr__(pipe.vae, "decode", decode)
+        parallelize_pipeline_vae(pipe, world_size, options.get("process_group"),
+                                 options.get("timeout_s", DEFAULT_TIMEOUT_S))
     return pipe
+
+
+def parallelize_pipeline_vae(pipe: Any, world_size: int, process_group: Any, timeout_s: float) -> None:
+    """Make ``pipe.vae.decode`` patch-parallel (:func:`distrifx.parallelize_vae_decoder`)."""
+    from distrifx.vae import parallelize_vae_decoder
+
+    decode = parallelize_vae_decoder(pipe.vae, world_size, process_group=process_group, timeout_s=timeout_s)
+    # An instance attribute shadows the method; nn.Module.__setattr__ would register a submodule
+    # (a cycle: the decoder holds the VAE) that the method lookup would then shadow.
+    object.__setattr__(pipe.vae, "decode", decode)
 
 
 def controlnet_options(options: dict[str, Any]) -> dict[str, Any]:

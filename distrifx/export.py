@@ -61,7 +61,14 @@ from torch.utils._pytree import (
     treespec_loads,
 )
 
-from distrifx.api import _communicator, _denoiser_name, control_image_argument, controlnet_options, start_alike
+from distrifx.api import (
+    _communicator,
+    _denoiser_name,
+    control_image_argument,
+    controlnet_options,
+    parallelize_pipeline_vae,
+    start_alike,
+)
 from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
 from distrifx.capture import CapturedProgram, capture
 from distrifx.capture.export import _leaf_key
@@ -1259,14 +1266,17 @@ def load(out_dir: str | os.PathLike, process_group: Any = None, timeout_s: float
 
 
 def load_pipeline(pipe: Any, out_dir: str | os.PathLike, process_group: Any = None,
-                  timeout_s: float = DEFAULT_TIMEOUT_S, allow_native_code: bool = False) -> Any:
+                  timeout_s: float = DEFAULT_TIMEOUT_S, allow_native_code: bool = False,
+                  parallel_vae: bool = False) -> Any:
     """Put :func:`export_pipeline`'s export in ``out_dir`` into ``pipe`` on this rank; return ``pipe``.
 
     Call on every rank. ``pipe.unet`` (``pipe.transformer``) becomes the loaded denoiser and a
     ``pipe.controlnet`` a :class:`~distrifx.ParallelControlNet` of the ControlNet exported beside it,
     whose residuals stay on their ranks (or, exported in guess mode, are gathered whole). As in
     :func:`distrifx.parallelize_pipeline`, every rank starts from rank 0's initial latents and each
-    pipeline call begins a generation. The arguments after ``out_dir`` are those of :func:`load`.
+    pipeline call begins a generation. With ``parallel_vae=True`` the VAE decoder (the pipeline's own
+    model) is patch-parallel too, as :func:`distrifx.parallelize_pipeline` makes it. The other
+    arguments after ``out_dir`` are those of :func:`load`.
 
     Example:
         >>> pipe = distrifx.load_pipeline(pipe, "sd-2r")                       # doctest: +SKIP
@@ -1294,4 +1304,6 @@ def load_pipeline(pipe: Any, out_dir: str | os.PathLike, process_group: Any = No
         parallel.append(pipe.controlnet)
     setattr(pipe, name, denoiser)
     start_alike(pipe, parallel, denoiser.comm)
+    if parallel_vae:
+        parallelize_pipeline_vae(pipe, denoiser.comm.world_size, process_group, timeout_s)
     return pipe
