@@ -153,8 +153,8 @@ def parallelize_pipeline(pipe: Any, world_size: int, *, parallel_vae: bool = Fal
     pmodel = parallelize(getattr(pipe, name), world_size, **options)
     setattr(pipe, name, pmodel)
     parallel: list[nn.Module] = [pmodel]
-    if isinstance(getattr(pipe, "controlnet", None), nn.Module):
-        pipe.controlnet = _parallelize_controlnet(pipe.controlnet, world_size, options)
+    if (controlnet := pipeline_controlnet(pipe)) is not None:
+        pipe.controlnet = _parallelize_controlnet(controlnet, world_size, options)
         parallel.append(pipe.controlnet)
     start_alike(pipe, parallel, pmodel.comm)
     if parallel_vae:
@@ -171,6 +171,12 @@ def parallelize_pipeline_vae(pipe: Any, world_size: int, process_group: Any, tim
     # An instance attribute shadows the method; nn.Module.__setattr__ would register a submodule
     # (a cycle: the decoder holds the VAE) that the method lookup would then shadow.
     object.__setattr__(pipe.vae, "decode", decode)
+
+
+def pipeline_controlnet(pipe: Any) -> nn.Module | None:
+    """``pipe.controlnet``, where the pipeline has one."""
+    controlnet = getattr(pipe, "controlnet", None)
+    return controlnet if isinstance(controlnet, nn.Module) else None
 
 
 def controlnet_options(options: dict[str, Any]) -> dict[str, Any]:

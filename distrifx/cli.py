@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a ControlNet pipeline's conditioning image (an edge map, a pose, ...; the pipeline "
                           "resizes it to height x width); needed by ControlNet pipelines, refused by others")
     gen.add_argument("--engines", type=Path, default=None,
-                     help="a distrifx compile output: every rank runs its denoiser from these files (distrifx.load_pipeline); "
-                          "height, width, guidance and the parallel options are the export's")
+                     help="a distrifx compile output: every rank runs its denoiser from these files "
+                          "(distrifx.load_pipeline); height, width, guidance and the parallel options are the export's")
     gen.add_argument("--allow-native-code", action="store_true",
                      help="with --engines: open an aoti export's compiled libraries (native code; only exports "
                           "you trust)")
@@ -205,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="export every rank's program offline (pt2, aoti, onnx or tensorrt)",
                           description="Capture a pipeline's denoiser as the pipeline calls it at one resolution "
                                       "(or its VAE decoder), build every rank's program and write them with a "
-                                      "manifest; run with distrifx generate --engines, or load with distrifx.load_pipeline.")
+                                      "manifest; run with distrifx generate --engines, or load with "
+                                      "distrifx.load_pipeline.")
     comp.add_argument("--model", type=Path, default=None,
                       help="local diffusers pipeline directory (default: the embedded default model)")
     comp.add_argument("--component", choices=["unet", "transformer", "vae"], default=None,

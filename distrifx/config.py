@@ -124,7 +124,7 @@ class ParallelConfig:
     extrapolate: float = 0.0  # stale values: last step's + this x (last step's - the one before's)
     fresh: tuple[str, ...] = ()  # exchange kinds (FRESH_KINDS) stale mode still does synchronously
     bucket_mb: float = 0.0  # stale exchanges sent in collectives of up to this many MiB (0: one each)
-    gather_outputs: bool = True  # False: a sharded output is returned full size, only this rank's rows (and batch half) computed
+    gather_outputs: bool = True  # False: sharded outputs full size, only this rank's rows (and batch half) computed
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "mode", _enum(Mode, self.mode, "mode"))

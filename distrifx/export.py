@@ -67,6 +67,7 @@ from distrifx.api import (
     control_image_argument,
     controlnet_options,
     parallelize_pipeline_vae,
+    pipeline_controlnet,
     start_alike,
 )
 from distrifx.backends import aoti, is_segment, segments, split_segments, tensorrt
@@ -691,8 +692,8 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
     into ``out_dir/controlnet``, called on a blank conditioning image (the pipeline resizes every image
     to height x width), with its residuals kept on the ranks that add them, as
     :func:`distrifx.parallelize_pipeline` splits it; with ``pipeline_kwargs={"guess_mode": True}``
-    gathered whole (in guess mode it sees half the denoiser's guidance batch), for guess-mode calls only. ``options`` are those of :func:`export`. Load with
-    :func:`load_pipeline` on every rank.
+    gathered whole (in guess mode it sees half the denoiser's guidance batch), for guess-mode calls
+    only. ``options`` are those of :func:`export`. Load with :func:`load_pipeline` on every rank.
 
     Example:
         >>> distrifx.export_pipeline(pipe, "sd-2r", 2, height=512, width=512, mode="stale")  # doctest: +SKIP
@@ -707,7 +708,7 @@ def export_pipeline(pipe: Any, out_dir: str | os.PathLike, world_size: int, *, h
         raise ConfigError("export_pipeline takes no gather_outputs: the pipeline's scheduler needs the denoiser's "
                           "whole output, and a ControlNet's residuals are kept on their ranks already.")
     out = Path(out_dir)
-    controlnet = pipe.controlnet if isinstance(getattr(pipe, "controlnet", None), nn.Module) else None
+    controlnet = pipeline_controlnet(pipe)
     _check_target(out)
     _check_target(out / CONTROLNET_DIR)
     if guidance_scale is None:
@@ -1284,7 +1285,7 @@ def load_pipeline(pipe: Any, out_dir: str | os.PathLike, process_group: Any = No
     """
     out = Path(out_dir)
     name = _denoiser_name(pipe)
-    has_controlnet = isinstance(getattr(pipe, "controlnet", None), nn.Module)
+    has_controlnet = pipeline_controlnet(pipe) is not None
     if has_controlnet != (out / CONTROLNET_DIR / MANIFEST).is_file():
         raise ArtifactError(
             f"{type(pipe).__name__} {'has' if has_controlnet else 'has no'} controlnet, and {out} holds "

@@ -37,35 +37,23 @@ def test_decoder_exchanges_halos_norms_and_attention():
     assert {"halo", "gn", "kv"} <= kinds
 
 
-def test_pipeline_with_parallel_vae_gives_the_same_image():
+@pytest.mark.parametrize("split", ["parallelize_pipeline", "load_pipeline"])
+def test_pipeline_with_parallel_vae_gives_the_same_image(split, tmp_path):
     pipes = [tiny_pipeline("sd15") for _ in range(3)]
     for p in pipes:
         p.set_progress_bar_config(disable=True)
     call = lambda p: p("a red circle", height=32, width=32, num_inference_steps=3, output_type="pt",  # noqa: E731
                        generator=torch.Generator().manual_seed(0)).images
     expected = call(pipes[2])
+    if split == "load_pipeline":
+        distrifx.export_pipeline(pipes[2], tmp_path, 2, height=32, width=32, mode="sync", format="onnx")
 
     def rank(group):
-        pipe = distrifx.parallelize_pipeline(pipes[group.rank], 2, process_group=group, mode="sync",
-                                             parallel_vae=True)
-        return call(pipe), isinstance(pipe.vae.decode, distrifx.ParallelModule)
-
-    for image, parallel in distrifx.simulate(rank, 2):
-        assert parallel
-        assert float((image - expected).abs().max()) < 1e-4
-
-
-def test_a_loaded_pipeline_with_parallel_vae_gives_the_same_image(tmp_path):
-    pipes = [tiny_pipeline("sd15") for _ in range(3)]
-    for p in pipes:
-        p.set_progress_bar_config(disable=True)
-    call = lambda p: p("a red circle", height=32, width=32, num_inference_steps=3, output_type="pt",  # noqa: E731
-                       generator=torch.Generator().manual_seed(0)).images
-    expected = call(pipes[2])
-    distrifx.export_pipeline(pipes[2], tmp_path, 2, height=32, width=32, mode="sync", format="onnx")
-
-    def rank(group):
-        pipe = distrifx.load_pipeline(pipes[group.rank], tmp_path, process_group=group, parallel_vae=True)
+        if split == "load_pipeline":
+            pipe = distrifx.load_pipeline(pipes[group.rank], tmp_path, process_group=group, parallel_vae=True)
+        else:
+            pipe = distrifx.parallelize_pipeline(pipes[group.rank], 2, process_group=group, mode="sync",
+                                                 parallel_vae=True)
         return call(pipe), isinstance(pipe.vae.decode, distrifx.ParallelModule)
 
     for image, parallel in distrifx.simulate(rank, 2):
