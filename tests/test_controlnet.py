@@ -251,6 +251,11 @@ def test_a_cfg_split_keeps_each_ranks_batch_half(pair):
 
 
 # -- a ControlNet pipeline exported offline and loaded into the pipeline -----------------------
+# Exporting does not branch on the UNet family: each test runs on one kind, SDXL (added
+# conditioning) where the batch is split, SD 1.5 elsewhere.
+
+SD15 = pytest.mark.parametrize("saved", ["sd15-controlnet"], indirect=True)
+SDXL = pytest.mark.parametrize("saved", ["sdxl-controlnet"], indirect=True)
 
 def _loaded(path, exported, world_size, call):
     pipes = [_load(path) for _ in range(world_size)]
@@ -265,6 +270,7 @@ def _loaded(path, exported, world_size, call):
     return distrifx.simulate(rank, world_size)
 
 
+@SDXL
 def test_an_exported_controlnet_pipeline_equals_single_device(saved, tmp_path):
     """Patch and CFG split at once (N=4): rows and batch halves of the residuals stay on their ranks."""
     expected = _generate(_load(saved))
@@ -275,6 +281,7 @@ def test_an_exported_controlnet_pipeline_equals_single_device(saved, tmp_path):
         assert stats.bytes_sent > 0  # its halos; no gathers (tested above)
 
 
+@SD15
 def test_an_exported_stale_controlnet_pipeline_equals_the_eager_runtime(saved, tmp_path):
     call = lambda p, **kw: _generate(p, num_inference_steps=8, **kw)  # noqa: E731
     options = dict(mode="stale", warmup_steps=2, cfg_parallel=False)
@@ -292,6 +299,7 @@ def exported(saved, tmp_path_factory):
     return out
 
 
+@SDXL
 def test_a_pipeline_exported_in_guess_mode_equals_single_device(saved, tmp_path):
     """Guidance on: the ControlNet sees the conditional half only, the UNet the whole batch (CFG-split)."""
     call = lambda p, **kw: _generate(p, guess_mode=True, **kw)  # noqa: E731
@@ -303,11 +311,13 @@ def test_a_pipeline_exported_in_guess_mode_equals_single_device(saved, tmp_path)
         assert stats.bytes_sent > 0  # its gathers
 
 
+@SD15
 def test_a_loaded_controlnet_refuses_guess_mode(saved, exported):
     with pytest.raises(ConfigError, match="a guess-mode call needs the residuals whole"):
         _loaded(saved, exported, 2, lambda p, **kw: _generate(p, guess_mode=True, **kw))
 
 
+@SD15
 def test_a_pipeline_and_an_export_must_agree_on_the_controlnet(saved, exported, tmp_path):
     import shutil
 
@@ -321,6 +331,7 @@ def test_a_pipeline_and_an_export_must_agree_on_the_controlnet(saved, exported, 
         _loaded(saved, out, 2, _generate)
 
 
+@SD15
 def test_an_exported_multi_controlnet_pipeline_equals_single_device(saved, tmp_path):
     """Two ControlNets, one image each: the pipeline reads the loaded export's nets (their configs)."""
     from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
