@@ -26,10 +26,10 @@ def test_cfg_parallel_sync_equals_eager_on_every_gloo_rank():
     assert max(errors) < 1e-5
 
 
-def test_communicator_gathers_and_exchanges_halos_between_three_gloo_ranks():
+def test_communicator_gathers_exchanges_halos_and_broadcasts_between_three_gloo_ranks():
     """Three ranks, so a rank gathers from a peer that is not its neighbour; gathers overlap."""
     results = distrifx.launch(workers.gathers_and_halos, 3, threads_per_rank=1, timeout_s=120, all_ranks=True)
-    for rank, (gathered, rows, sent) in enumerate(results):
+    for rank, (gathered, rows, sent, broadcast, broadcast_sent) in enumerate(results):
         expected = torch.stack([torch.cat([torch.full((2, 3), float(10 * i + r)) for r in range(3)], 1)
                                 for i in reversed(range(3))])
         assert gathered == expected.tolist()
@@ -38,6 +38,8 @@ def test_communicator_gathers_and_exchanges_halos_between_three_gloo_ranks():
         assert rows == [prev, nxt]
         halo_sent = 4 * ((rank > 0) + (rank < 2))
         assert sent == 3 * 2 * 3 * 4 * 2 + halo_sent  # 3 gathers of 6 floats to 2 peers, plus halo rows
+        assert broadcast == [7.0, 7.0]  # rank 0's
+        assert broadcast_sent == (2 * 2 * 4 if rank == 0 else 0)  # 2 floats to 2 peers, from rank 0 only
 
 
 def test_silent_peer_makes_the_other_rank_fail_within_the_timeout():

@@ -26,8 +26,9 @@ def sync_vs_eager(name: str, batch: int, height: int, width: int, cfg_parallel: 
     return float((got - expected).abs().max())
 
 
-def gathers_and_halos() -> tuple[list, list, int]:
-    """This rank's all-gathers (several at once, waited in reverse) and halo rows over gloo, and bytes sent.
+def gathers_and_halos() -> tuple[list, list, int, list, int]:
+    """This rank's all-gathers (several at once, waited in reverse) and halo rows over gloo, and bytes sent;
+    then rank 0's tensor broadcast, and the bytes the broadcast sent.
 
     Lists, not tensors: a tensor sent back through the launcher's queue lives in shared memory that
     goes away with this process.
@@ -40,7 +41,9 @@ def gathers_and_halos() -> tuple[list, list, int]:
     works = [comm.all_gather(b, 1) for b in blocks]
     gathered = torch.stack([w.wait() for w in reversed(works)])
     rows = comm.neighbour_rows(torch.arange(4.0).reshape(4, 1) + 100 * rank, 0, 1, 1).wait()
-    return gathered.tolist(), rows.flatten().tolist(), comm.stats.bytes_sent
+    sent = comm.stats.bytes_sent
+    broadcast = comm.broadcast(torch.full((2,), float(rank + 7))).wait()
+    return gathered.tolist(), rows.flatten().tolist(), sent, broadcast.tolist(), comm.stats.bytes_sent - sent
 
 
 def silent_peer(timeout_s: float) -> str:

@@ -127,6 +127,17 @@ class Communicator(ABC):
 
         return Work(self.stats, assemble)
 
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> Work:
+        """Rank ``src``'s ``x`` on every rank: ``src`` sends it to each peer, which passes its own ``x`` of
+        the same shape and dtype (received into a buffer like it)."""
+        x = x.contiguous()
+        self.stats.collectives += 1
+        peers = [r for r in range(self.world_size) if r != src] if self.rank == src else []
+        self.stats.bytes_sent += x.numel() * x.element_size() * len(peers)
+        recvs = {} if self.rank == src else {src: torch.zeros_like(x)}
+        finish = self._exchange(dict.fromkeys(peers, x), recvs, "broadcast")
+        return Work(self.stats, lambda: finish().get(src, x))
+
     @abstractmethod
     def split(self, groups: list[list[int]]) -> Communicator:
         """The communicator of the group (of ``groups``, a partition of the ranks) this rank is in.
@@ -140,9 +151,9 @@ class Communicator(ABC):
 
     @abstractmethod
     def _exchange(
-        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], what: str = "halo exchange"
     ) -> Callable[[], dict[int, torch.Tensor]]:
-        """Start point-to-point sends and receives (``recvs`` are buffers); return the waiter."""
+        """Start point-to-point sends and receives (``recvs`` are buffers) of ``what``; return the waiter."""
 
 
 class ProcessGroupCommunicator(Communicator):
@@ -308,7 +319,7 @@ class SimulatedGroup(Communicator):
         return lambda: torch.cat([self._take((seq, "gather", r)) for r in range(self.world_size)], dim)
 
     def _exchange(
-        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], what: str = "halo exchange"
     ) -> Callable[[], dict[int, torch.Tensor]]:
         seq = self._next()
         for peer, t in sends.items():
@@ -332,7 +343,7 @@ class TimingCommunicator(Communicator):
         return lambda: torch.cat([x] * self.world_size, dim)
 
     def _exchange(
-        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor]
+        self, sends: dict[int, torch.Tensor], recvs: dict[int, torch.Tensor], what: str = "halo exchange"
     ) -> Callable[[], dict[int, torch.Tensor]]:
         return lambda: recvs
 
@@ -364,6 +375,5 @@ def check_same_inputs(comm: Communicator, flat: Sequence[Any], names: Callable[[
 
 
 def from_rank0(comm: Communicator, tree: Any) -> Any:
-    """``tree`` with every tensor replaced by rank 0's (one all-gather each; collective)."""
-    return tree_map(lambda x: comm.all_gather(x.unsqueeze(0), 0).wait()[0] if isinstance(x, torch.Tensor) else x,
-                    tree)
+    """``tree`` with every tensor replaced by rank 0's (one broadcast each; collective)."""
+    return tree_map(lambda x: comm.broadcast(x).wait() if isinstance(x, torch.Tensor) else x, tree)
