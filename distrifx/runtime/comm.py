@@ -111,7 +111,7 @@ class Communicator(ABC):
             sends[self.rank + 1] = _rows(x, dim, -before, before).to(dtype)
         if after and self.rank > 0:
             sends[self.rank - 1] = _rows(x, dim, 0, after).to(dtype)
-        self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
+        self._count_sends(sends)
         recv_shapes = {}
         if before and self.rank > 0:
             recv_shapes[self.rank - 1] = _zeros_rows(x, dim, before, dtype)
@@ -132,11 +132,14 @@ class Communicator(ABC):
         the same shape and dtype (received into a buffer like it)."""
         x = x.contiguous()
         self.stats.collectives += 1
-        peers = [r for r in range(self.world_size) if r != src] if self.rank == src else []
-        self.stats.bytes_sent += x.numel() * x.element_size() * len(peers)
+        sends = {r: x for r in range(self.world_size) if r != src} if self.rank == src else {}
+        self._count_sends(sends)
         recvs = {} if self.rank == src else {src: torch.zeros_like(x)}
-        finish = self._exchange(dict.fromkeys(peers, x), recvs, "broadcast")
+        finish = self._exchange(sends, recvs, "broadcast")
         return Work(self.stats, lambda: finish().get(src, x))
+
+    def _count_sends(self, sends: dict[int, torch.Tensor]) -> None:
+        self.stats.bytes_sent += sum(t.numel() * t.element_size() for t in sends.values())
 
     @abstractmethod
     def split(self, groups: list[list[int]]) -> Communicator:
